@@ -1,0 +1,204 @@
+"""The one commented default configuration tree.
+
+Every key a yaml file or a command-line override may set lives here; anything else is an error.
+Axis order is (z, y, x) for every size, offset, stride and padding. Use ``get_default_cfg()`` to get
+a fresh mutable copy; never modify ``_C`` itself.
+"""
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# --------------------------------------------------------------------------------------------------
+# Hardware
+# --------------------------------------------------------------------------------------------------
+_C.HARDWARE = CN()
+# Processes (one per GPU) launched by melecole/train_distributed.py; train.py always uses one.
+_C.HARDWARE.NUM_GPUS = 1
+# DataLoader worker processes per training process (0 = load in the main process).
+_C.HARDWARE.NUM_WORKERS = 2
+# auto: CUDA when available, else CPU. cpu | cuda force one.
+_C.HARDWARE.DEVICE = "auto"
+# Mixed precision (autocast + grad scaler). Only ever active on CUDA.
+_C.HARDWARE.AMP = True
+
+# --------------------------------------------------------------------------------------------------
+# Dataset: <DATA_ROOT>/<split>/*.hdf, every file one volume (see DESIGN.md)
+# --------------------------------------------------------------------------------------------------
+_C.DATASET = CN()
+_C.DATASET.DATA_ROOT = "dataset"
+# Context around the labels in the raw volume, (z, y, x) per side. The raw shape must equal the
+# label shape, or the label shape + 2 * PADDING.
+_C.DATASET.PADDING = [0, 0, 0]
+_C.DATASET.RAW_KEY = "volume"
+_C.DATASET.LABEL_KEY = "labels"
+_C.DATASET.TRAIN_SPLIT = "train"
+_C.DATASET.VAL_SPLIT = "val"
+# Folder of HDF5 volumes without labels for contrastive (MoCo) training; "" = none.
+_C.DATASET.UNLABELED_DATA_ROOT = ""
+# A training patch is redrawn when less than this fraction of its voxels carries a label != 0.
+_C.DATASET.MIN_LABELED_FRACTION = 0.5
+# ... at most this many times; then the last draw is used.
+_C.DATASET.MAX_REDRAWS = 20
+# Connected components are recomputed inside each patch; pieces smaller than this (voxels) are
+# set to 0 (ignored) because their mean embedding is too noisy to be useful.
+_C.DATASET.MIN_OBJECT_SIZE = 4
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation: each has ENABLED, a probability P and its strength parameters.
+# --------------------------------------------------------------------------------------------------
+_C.AUGMENTATION = CN()
+_C.AUGMENTATION.ENABLED = True
+# Random flips along z, y, x and a y<->x transpose (labels move exactly).
+_C.AUGMENTATION.FLIP = CN({"ENABLED": True, "P": 1.0})
+# In-plane rotation by a random multiple of 90 degrees.
+_C.AUGMENTATION.ROTATE = CN({"ENABLED": True, "P": 1.0})
+# Smooth random in-plane displacement field; ALPHA = max displacement (pixels), SIGMA = smoothness.
+_C.AUGMENTATION.ELASTIC = CN({"ENABLED": True, "P": 0.5, "ALPHA": 6.0, "SIGMA": 8.0})
+# Contrast / brightness / gamma, per section (2d) or for the whole patch (3d) at random.
+_C.AUGMENTATION.GRAYSCALE = CN(
+    {"ENABLED": True, "P": 0.75, "CONTRAST": 0.3, "BRIGHTNESS": 0.15, "GAMMA": 0.3}
+)
+# Whole sections replaced (blank or copy of a neighbour); labels unchanged.
+_C.AUGMENTATION.MISSING_SECTION = CN({"ENABLED": True, "P": 0.15, "NUM_SECTIONS": 2})
+# Blank or smeared regions inside single sections; SIZE = max fraction of a section side.
+_C.AUGMENTATION.MISSING_PARTS = CN({"ENABLED": True, "P": 0.15, "SIZE": 0.3})
+# Section misalignment: "slip" moves one section, "shift" moves all sections below one.
+# DISPLACEMENT = max in-plane shift in pixels. Labels move with the raw.
+_C.AUGMENTATION.MISALIGNMENT = CN({"ENABLED": True, "P": 0.3, "DISPLACEMENT": 8, "SLIP_RATIO": 0.5})
+# Motion blur (line kernel) or defocus (gaussian) in a few sections.
+_C.AUGMENTATION.MOTION_BLUR = CN({"ENABLED": True, "P": 0.15, "SECTIONS": 2, "KERNEL_SIZE": 9, "SIGMA": 2.0})
+# Down- and up-sampling of a random region (cut-blur); DOWN_RATIO = (min, max) factor.
+_C.AUGMENTATION.CUT_BLUR = CN({"ENABLED": True, "P": 0.3, "LENGTH_RATIO": 0.4, "DOWN_RATIO": [2.0, 6.0]})
+# Additive gaussian noise with a standard deviation drawn up to STD (raw scaled to [0, 1]).
+_C.AUGMENTATION.NOISE = CN({"ENABLED": True, "P": 0.3, "STD": 0.05})
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Registry name (melecole.models.MODEL_REGISTRY).
+_C.MODEL.ARCHITECTURE = "unet3d"
+# Training patch size (z, y, x); the network's output has the same size.
+_C.MODEL.INPUT_SIZE = [20, 128, 128]
+_C.MODEL.IN_CHANNELS = 1
+# Feature channels per UNet level; len(FILTERS) - 1 downsamplings.
+_C.MODEL.FILTERS = [32, 64, 128, 256]
+# Per downsampling step: pool z as well (True) or only in-plane (False). len = len(FILTERS) - 1.
+_C.MODEL.POOL_Z = [False, False, True]
+_C.MODEL.EMBEDDING_DIMENSION = 16
+# batch | instance | group | none
+_C.MODEL.NORM = "group"
+_C.MODEL.NORM_GROUPS = 8
+# relu | elu | leaky_relu | gelu
+_C.MODEL.ACTIVATION = "elu"
+# Anisotropic stem kernel (z, y, x).
+_C.MODEL.STEM_KERNEL = [1, 5, 5]
+
+# --------------------------------------------------------------------------------------------------
+# Loss: Lee et al. metric loss on the embedding + BCE on the foreground head
+# --------------------------------------------------------------------------------------------------
+_C.LOSS = CN()
+# Distance used by the loss and by embeddings -> affinities: l1 | l2
+_C.LOSS.NORM = "l2"
+# Pull hinge: voxels closer than DELTA_V to their object mean cost nothing.
+_C.LOSS.DELTA_V = 0.5
+# Push hinge: object means further apart than 2 * DELTA_D cost nothing.
+_C.LOSS.DELTA_D = 1.5
+_C.LOSS.ALPHA = 1.0  # pull weight
+_C.LOSS.BETA = 1.0  # push weight
+_C.LOSS.GAMMA = 0.001  # weight of the regulariser on mean norms
+_C.LOSS.FOREGROUND_WEIGHT = 1.0  # weight of BCE(foreground head, label != 0)
+
+# --------------------------------------------------------------------------------------------------
+# Optimisation (iteration based)
+# --------------------------------------------------------------------------------------------------
+_C.OPTIM = CN()
+_C.OPTIM.OPTIMIZER = "adam"  # adam | adamw | sgd
+_C.OPTIM.INITIAL_LR = 1e-3
+_C.OPTIM.MIN_LR = 1e-6
+_C.OPTIM.WEIGHT_DECAY = 0.0
+_C.OPTIM.MOMENTUM = 0.9  # sgd only
+_C.OPTIM.SCHEDULER = "cosine"  # cosine | constant | step
+_C.OPTIM.WARMUP_ITER = 0
+_C.OPTIM.STEP_SIZE = 10000  # step scheduler only
+_C.OPTIM.STEP_GAMMA = 0.5  # step scheduler only
+_C.OPTIM.TOTAL_ITER = 100000
+# Patches per process and step.
+_C.OPTIM.BATCH_SIZE = 2
+# Clip the global gradient norm; 0 disables.
+_C.OPTIM.GRAD_CLIP = 1.0
+
+# --------------------------------------------------------------------------------------------------
+# Momentum contrast (dense, voxel-level MoCo)
+# --------------------------------------------------------------------------------------------------
+_C.MOCO = CN()
+_C.MOCO.ENABLED = False
+# joint: metric loss + WEIGHT * InfoNCE; pretrain: InfoNCE only on (unlabelled) volumes.
+_C.MOCO.MODE = "joint"
+_C.MOCO.WEIGHT = 0.1
+_C.MOCO.MOMENTUM = 0.999
+_C.MOCO.TEMPERATURE = 0.1
+_C.MOCO.QUEUE_SIZE = 16384
+_C.MOCO.PROJECTION_DIM = 32
+_C.MOCO.PROJECTION_HIDDEN = 64
+# Voxel locations sampled per view pair.
+_C.MOCO.NUM_SAMPLES = 256
+# Treat keys of the same labelled instance as positives where labels exist.
+_C.MOCO.SUPERVISED = False
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+_C.INFERENCE = CN()
+_C.INFERENCE.OFFSETS = [
+    [-1, 0, 0], [0, -1, 0], [0, 0, -1],
+    [-2, 0, 0], [0, -5, 0], [0, 0, -5], [0, -5, -5], [0, -5, 5],
+    [-1, -5, 0], [-1, 0, -5], [1, -5, 0], [1, 0, -5],
+]
+# Window size (z, y, x); empty = MODEL.INPUT_SIZE.
+_C.INFERENCE.WINDOW_SIZE = []
+# Step between windows (z, y, x); empty = half the window.
+_C.INFERENCE.STRIDE = []
+# Voxels cropped from each side of a window's output before blending (not at the volume border).
+_C.INFERENCE.MARGIN = [1, 4, 4]
+# gaussian | bump | constant
+_C.INFERENCE.BLENDING = "gaussian"
+# Windows per forward pass.
+_C.INFERENCE.BATCH_SIZE = 4
+# Voxels with foreground probability below this are label 0 in the segmentation.
+_C.INFERENCE.MWS_BACKGROUND = 0.5
+# Sub-sample mutex edges by these strides (z, y, x); [1, 1, 1] keeps all.
+_C.INFERENCE.MWS_STRIDES = [1, 1, 1]
+_C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
+# Test-time augmentation is not implemented; kept out on purpose.
+
+# --------------------------------------------------------------------------------------------------
+# Logging and outputs
+# --------------------------------------------------------------------------------------------------
+_C.LOG = CN()
+# Runs go to OUTPUT_PATH/<RUN_NAME>-<YYYYmmdd-HHMMSS>/; RUN_NAME "" = the config file's stem.
+_C.LOG.OUTPUT_PATH = "outputs"
+_C.LOG.RUN_NAME = ""
+_C.LOG.CHECKPOINT_FREQUENCY = 5000
+_C.LOG.LOG_FREQUENCY = 20
+# Validation loss every VAL_FREQUENCY iterations on VAL_PATCHES fixed val patches; 0 disables.
+_C.LOG.VAL_FREQUENCY = 1000
+_C.LOG.VAL_PATCHES = 8
+# Embedding PCA images to TensorBoard every IMAGE_FREQUENCY iterations; 0 disables.
+_C.LOG.IMAGE_FREQUENCY = 1000
+# Show a tqdm progress bar.
+_C.LOG.PROGRESS_BAR = True
+
+# --------------------------------------------------------------------------------------------------
+# System
+# --------------------------------------------------------------------------------------------------
+_C.SYSTEM = CN()
+_C.SYSTEM.SEED = 0
+# torch.use_deterministic_algorithms; slower, needed for bit-exact resume on GPU.
+_C.SYSTEM.DETERMINISTIC = False
+
+
+def get_default_cfg() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()

@@ -1,0 +1,136 @@
+"""Self-describing checkpoints (DESIGN.md): one dict, written atomically, weights unwrapped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from yacs.config import CfgNode as CN
+
+import melecole
+from melecole.config import MODEL_SHAPING_KEYS, cfg_from_yaml_text
+from melecole.errors import CheckpointError, MeLeCoLeError
+from melecole.utils.io import atomic_torch_save
+
+CHECKPOINT_FORMAT = "melecole-checkpoint-v1"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DistributedDataParallel / DataParallel wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    cfg: CN,
+    iteration: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    rng_state: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Writes the checkpoint dict to ``path`` atomically (temporary file + rename)."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "version": melecole.__version__,
+        "iteration": int(iteration),
+        "config": cfg.dump(),
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state,
+    }
+    if extra:
+        checkpoint.update(extra)
+    atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Reads a checkpoint written by ``save_checkpoint``; clear errors for missing/foreign files."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.pt"
+        if not candidate.is_file():
+            candidate = path / "last.pt"
+        if not candidate.is_file():
+            raise CheckpointError(f"checkpoint folder '{path}' has no checkpoints/last.pt")
+        path = candidate
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises many types for truncated/foreign files
+        raise CheckpointError(f"checkpoint '{path}' could not be read ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise CheckpointError(f"checkpoint '{path}' is not a MeLeCoLe checkpoint (no 'model' and 'config' entries)")
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
+def checkpoint_cfg(checkpoint: dict) -> CN:
+    """The config stored inside a checkpoint."""
+    try:
+        return cfg_from_yaml_text(checkpoint["config"], source=f"config stored in checkpoint '{checkpoint.get('path')}'")
+    except MeLeCoLeError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def model_shape_differences(stored: CN, current: CN) -> list[str]:
+    """'KEY: stored -> current' for every model-shaping key whose values differ."""
+    differences = []
+    for key in MODEL_SHAPING_KEYS:
+        group, name = key.split(".")
+        old, new = stored[group][name], current[group][name]
+        if list(old) != list(new) if isinstance(old, (list, tuple)) else old != new:
+            differences.append(f"{key}: checkpoint {old!r} vs config {new!r}")
+    return differences
+
+
+def check_model_compatible(checkpoint: dict, cfg: CN) -> None:
+    """Raises CheckpointError listing model-shaping keys that differ between checkpoint and cfg."""
+    differences = model_shape_differences(checkpoint_cfg(checkpoint), cfg)
+    if differences:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.get('path')}' was trained with a differently shaped model: "
+            + "; ".join(differences)
+        )
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: dict, strict: bool = True) -> None:
+    """Loads the checkpoint's weights into ``model`` (wrapped or not); a clear error on mismatch."""
+    state = {key.removeprefix("module."): value for key, value in checkpoint["model"].items()}
+    target = unwrap_model(model)
+    try:
+        result = target.load_state_dict(state, strict=strict)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.get('path')}' does not fit the model: {detail}"
+        ) from None
+    return result
+
+
+def build_model_from_checkpoint(
+    path: str | os.PathLike, cfg: CN | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, CN, dict]:
+    """Model in eval mode with the checkpoint's weights; ``cfg`` (if given) must match its shape."""
+    from melecole.models import build_model
+
+    checkpoint = load_checkpoint(path)
+    if cfg is not None:
+        check_model_compatible(checkpoint, cfg)
+    else:
+        cfg = checkpoint_cfg(checkpoint)
+    model = build_model(cfg)
+    load_model_weights(model, checkpoint)
+    model.to(device).eval()
+    return model, cfg, checkpoint
