@@ -1,1 +1,40 @@
-"""melecole.models"""
+"""Networks: a name registry and ``build_model(cfg)``, the only place that reads MODEL.* keys."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from torch import nn
+from yacs.config import CfgNode as CN
+
+from melecole.errors import ConfigError
+from melecole.models.unet3d import UNet3D
+
+__all__ = ["MODEL_REGISTRY", "UNet3D", "build_model"]
+
+
+def _build_unet3d(cfg: CN) -> UNet3D:
+    return UNet3D(
+        in_channels=cfg.MODEL.IN_CHANNELS,
+        filters=tuple(cfg.MODEL.FILTERS),
+        pool_z=tuple(cfg.MODEL.POOL_Z),
+        embedding_dim=cfg.MODEL.EMBEDDING_DIMENSION,
+        norm=cfg.MODEL.NORM,
+        norm_groups=cfg.MODEL.NORM_GROUPS,
+        activation=cfg.MODEL.ACTIVATION,
+        stem_kernel=tuple(cfg.MODEL.STEM_KERNEL),
+    )
+
+
+# MODEL.ARCHITECTURE -> builder taking the config.
+MODEL_REGISTRY: Dict[str, Callable[[CN], nn.Module]] = {"unet3d": _build_unet3d}
+
+
+def build_model(cfg: CN) -> nn.Module:
+    """The network named by MODEL.ARCHITECTURE, on CPU (the caller moves it to its device)."""
+    name = cfg.MODEL.ARCHITECTURE
+    if name not in MODEL_REGISTRY:
+        raise ConfigError(
+            f"MODEL.ARCHITECTURE {name!r} is not a known model; valid: {', '.join(sorted(MODEL_REGISTRY))}"
+        )
+    return MODEL_REGISTRY[name](cfg)
