@@ -136,6 +136,11 @@ class Trainer:
             run_dir = Path(run_dir)
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", cfg.dump())
+        if self.world_size > 1:
+            # Every rank uses the folder rank 0 made (its timestamp may differ from another rank's).
+            shared = [str(run_dir) if run_dir is not None else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            run_dir = shared[0]
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.logger = setup_logging(self.run_dir, self.rank)
 
@@ -181,9 +186,14 @@ class Trainer:
         if self.world_size == 1:
             return model
         if self.cfg.MODEL.NORM == "batch":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:  # SyncBatchNorm raises on CPU tensors
+                self.logger.warning("SyncBatchNorm needs CUDA: on CPU each process normalises its own batch")
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Without the foreground loss the foreground head gets no gradient; DDP must be told.
+        unused = self.cfg.LOSS.FOREGROUND_WEIGHT == 0
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
 
     def autocast(self):
         return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
