@@ -1,0 +1,208 @@
+"""Reading HDF5 volumes of the dataset layout in DESIGN.md: ``<DATA_ROOT>/<split>/*.hdf``.
+
+Each file holds a raw volume (``DATASET.RAW_KEY``, uint8 (z, y, x), possibly padded by
+``DATASET.PADDING`` context voxels on each side) and optionally neuron labels
+(``DATASET.LABEL_KEY``, integer (z, y, x), 0 = boundary / unlabelled). Volumes are read fully
+into memory (SNEMI3D is 100 x 1024 x 1024).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+from yacs.config import CfgNode
+
+from melecole.errors import DataError
+
+__all__ = [
+    "Volume",
+    "read_volume",
+    "normalize_raw",
+    "list_volumes",
+    "check_data_root",
+    "VOLUME_SUFFIXES",
+]
+
+logger = logging.getLogger(__name__)
+
+# File name endings recognised as HDF5 volumes in a split folder.
+VOLUME_SUFFIXES = (".hdf", ".h5", ".hdf5")
+
+# uint8 -> float32 / 255 by table look-up (exact 0 and 1, faster than arithmetic).
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+@dataclass
+class Volume:
+    """One volume in memory.
+
+    Attributes:
+        raw: (Z + 2 pz, Y + 2 py, X + 2 px) raw intensities as stored (usually uint8).
+        labels: (Z, Y, X) integer neuron ids, 0 = boundary / unlabelled; None for unlabelled data.
+        padding: effective (pz, py, px) context per side: label index i is raw index i + padding.
+        path: the file it was read from.
+        value_range: (low, high) intensities mapped to 0 and 1 by :func:`normalize_raw`.
+    """
+
+    raw: np.ndarray
+    labels: np.ndarray | None
+    padding: tuple[int, int, int]
+    path: Path
+    value_range: tuple[float, float] = (0.0, 255.0)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of the labelled region (z, y, x): the label shape, or the unpadded raw shape."""
+        if self.labels is not None:
+            return tuple(self.labels.shape)  # type: ignore[return-value]
+        return tuple(int(s - 2 * p) for s, p in zip(self.raw.shape, self.padding))  # type: ignore[return-value]
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def _value_range(raw: np.ndarray) -> tuple[float, float]:
+    """Intensities that map to 0 and 1: the uint8 range, else the data's min and max.
+
+    Floats already inside [0, 1] keep (0, 1). Other integer types (uint16 with 12-bit data, ...)
+    use the data's range rather than the dtype's, which would leave them nearly black.
+    """
+    if raw.dtype == np.uint8:
+        return 0.0, 255.0
+    if raw.dtype == np.bool_:
+        return 0.0, 1.0
+    if raw.size == 0:
+        return 0.0, 1.0
+    low, high = float(np.min(raw)), float(np.max(raw))
+    if np.issubdtype(raw.dtype, np.floating) and low >= 0.0 and high <= 1.0:
+        return 0.0, 1.0
+    if high <= low:
+        return low, low + 1.0
+    return low, high
+
+
+def normalize_raw(raw: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Raw intensities -> float32 in [0, 1].
+
+    Args:
+        raw: any shape; uint8 is divided by 255.
+        value_range: (low, high) mapped to (0, 1), values outside are clipped. None: the uint8
+            range for uint8, otherwise the data's own min/max (see :class:`Volume.value_range`,
+            computed over the whole volume so that all patches share one scale).
+    """
+    if value_range is None:
+        value_range = _value_range(raw)
+    low, high = value_range
+    if raw.dtype == np.uint8 and (low, high) == (0.0, 255.0):
+        return _UINT8_TO_UNIT[raw]
+    scaled = (raw.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+
+def _read_dataset(handle: h5py.File, path: Path, key: str, field: str) -> np.ndarray:
+    if key not in handle:
+        available = ", ".join(sorted(handle.keys())) or "none"
+        raise DataError(f"file '{path}': key '{key}' not found ({field}); the file has keys: {available}")
+    node = handle[key]
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"file '{path}': '{key}' ({field}) is a group, not a dataset")
+    if node.ndim != 3:
+        raise DataError(f"file '{path}': '{key}' ({field}) must be 3D (z, y, x), got shape {node.shape}")
+    try:
+        return node[()]
+    except (OSError, RuntimeError) as error:  # h5py raises these for corrupt / truncated data
+        raise DataError(f"file '{path}': cannot read '{key}' ({field}): {error}") from None
+
+
+def read_volume(
+    path: str | os.PathLike,
+    raw_key: str = "volume",
+    label_key: str | None = "labels",
+    padding: Sequence[int] = (0, 0, 0),
+) -> Volume:
+    """Reads one HDF5 volume and checks it against the dataset layout.
+
+    The raw shape must equal ``labels.shape + 2 * padding`` (padded raw) or ``labels.shape``. In the
+    second case the raw is taken as unpadded and the effective padding is (0, 0, 0), whatever
+    ``padding`` says, so a dataset may mix padded and unpadded files. Without labels
+    (``label_key`` None or "") the whole raw is used and the effective padding is (0, 0, 0).
+
+    Raises:
+        DataError: the file is missing or not HDF5, a key is missing, an array is not 3D, the
+            labels are not integers, or the shapes do not fit.
+    """
+    path = Path(path)
+    padding = tuple(int(p) for p in padding)
+    if len(padding) != 3 or min(padding) < 0:
+        raise DataError(f"DATASET.PADDING must be 3 integers >= 0 (z, y, x), got {list(padding)}")
+    if not path.is_file():
+        raise DataError(f"file '{path}' does not exist")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError:
+        raise DataError(f"file '{path}' is not a readable HDF5 file") from None
+    with handle:
+        raw = _read_dataset(handle, path, raw_key, "DATASET.RAW_KEY")
+        labels = _read_dataset(handle, path, label_key, "DATASET.LABEL_KEY") if label_key else None
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        raise DataError(f"file '{path}': raw '{raw_key}' has non-numeric dtype {raw.dtype}")
+    if labels is None:
+        return Volume(raw=raw, labels=None, padding=(0, 0, 0), path=path, value_range=_value_range(raw))
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise DataError(
+            f"file '{path}': labels '{label_key}' (DATASET.LABEL_KEY) must be integer ids, "
+            f"got dtype {labels.dtype}"
+        )
+    if np.issubdtype(labels.dtype, np.signedinteger):
+        if labels.size and labels.min() < 0:
+            raise DataError(f"file '{path}': labels '{label_key}' contain negative ids")
+        labels = labels.astype(np.uint64 if labels.dtype.itemsize > 4 else np.uint32)
+    elif labels.dtype.itemsize < 4:
+        labels = labels.astype(np.uint32)
+    if raw.shape == labels.shape:
+        if any(padding):
+            logger.info("%s: raw and labels have the same shape; using padding (0, 0, 0) for this file", path)
+        padding = (0, 0, 0)
+    elif tuple(raw.shape) != tuple(s + 2 * p for s, p in zip(labels.shape, padding)):
+        raise DataError(
+            f"file '{path}': raw shape {tuple(raw.shape)} must equal the label shape {tuple(labels.shape)} "
+            f"or label shape + 2 * DATASET.PADDING {list(padding)} = "
+            f"{tuple(s + 2 * p for s, p in zip(labels.shape, padding))}"
+        )
+    return Volume(raw=raw, labels=labels, padding=padding, path=path, value_range=_value_range(raw))
+
+
+def list_volumes(data_root: str | os.PathLike, split: str) -> list[Path]:
+    """Sorted HDF5 files (*.hdf, *.h5, *.hdf5) in ``<data_root>/<split>``.
+
+    Raises:
+        DataError: the folder is missing or holds no HDF5 file.
+    """
+    folder = Path(data_root) / split
+    if not folder.is_dir():
+        raise DataError(
+            f"DATASET.DATA_ROOT: folder '{folder}' does not exist "
+            f"(expected HDF5 volumes in <DATA_ROOT>/{split}/*.hdf)"
+        )
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VOLUME_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"DATASET.DATA_ROOT: folder '{folder}' holds no HDF5 volume "
+            f"(expected <DATA_ROOT>/{split}/*.hdf, *.h5 or *.hdf5)"
+        )
+    return files
+
+
+def check_data_root(cfg: CfgNode, splits: Sequence[str]) -> dict[str, list[Path]]:
+    """Checks that ``cfg.DATASET.DATA_ROOT/<split>`` holds volumes for every split; returns their files.
+
+    Only folders and file names are checked (cheap); keys and shapes are checked when read.
+    """
+    return {split: list_volumes(cfg.DATASET.DATA_ROOT, split) for split in splits}
