@@ -134,7 +134,11 @@ _C.OPTIM.GRAD_CLIP = 1.0
 # --------------------------------------------------------------------------------------------------
 _C.MOCO = CN()
 _C.MOCO.ENABLED = False
-# joint: metric loss + WEIGHT * InfoNCE; pretrain: InfoNCE only on (unlabelled) volumes.
+# Dense voxel-level MoCo (melecole/models/moco.py): queries = online projections in view 1 of a
+# crop, positive keys = momentum-network projections at the same voxels in view 2, negatives = a
+# queue of earlier keys. Needs MODEL.NORM group | instance | none (batch norm leaks statistics).
+# joint: metric loss + WEIGHT * InfoNCE, every step one labelled batch and one batch of view pairs.
+# pretrain: InfoNCE only (labels not needed); fine-tune with train.py --ssl_checkpoint CKPT.
 _C.MOCO.MODE = "joint"
 _C.MOCO.WEIGHT = 0.1
 _C.MOCO.MOMENTUM = 0.999
@@ -146,6 +150,21 @@ _C.MOCO.PROJECTION_HIDDEN = 64
 _C.MOCO.NUM_SAMPLES = 256
 # Treat keys of the same labelled instance as positives where labels exist.
 _C.MOCO.SUPERVISED = False
+# What the projection head reads at each sampled voxel: "features" (decoder features, FILTERS[0]
+# channels; the embedding head stays free for the metric loss) | "embedding" (the embedding itself).
+_C.MOCO.PROJECTION_INPUT = "features"
+# Largest relative offset (z, y, x) between the two views of a crop; the views overlap by at least
+# MODEL.INPUT_SIZE - MAX_SHIFT voxels per axis (the region read is INPUT_SIZE + MAX_SHIFT).
+_C.MOCO.MAX_SHIFT = [4, 16, 16]
+# Random flips, y/x transpose and in-plane rot90 per view (their voxel mapping is tracked exactly).
+# The views also get the enabled intensity / defect groups of AUGMENTATION.* (grayscale, noise,
+# missing section/parts, motion blur, cut-blur), never the ones that move voxels.
+_C.MOCO.SPATIAL_TRANSFORMS = True
+# Also draw views from the labelled DATA_ROOT/TRAIN_SPLIT volumes (their labels feed SUPERVISED),
+# besides DATASET.UNLABELED_DATA_ROOT.
+_C.MOCO.USE_LABELED_VOLUMES = True
+# Crops (view pairs) per process and step; 0 = OPTIM.BATCH_SIZE.
+_C.MOCO.BATCH_SIZE = 0
 
 # --------------------------------------------------------------------------------------------------
 # Inference

@@ -18,6 +18,8 @@ def build_train_parser(description: str) -> argparse.ArgumentParser:
             action.help = "YACS yaml file (required unless --resume), e.g. configs/SNEMI3D-UNet3D.yaml"
     parser.add_argument("--supervised_checkpoint", "--supervised-checkpoint", dest="supervised_checkpoint",
                         help="start from this checkpoint's weights (model-shaping config keys must match)")
+    parser.add_argument("--ssl_checkpoint", "--ssl-checkpoint", dest="ssl_checkpoint",
+                        help="start from a MOCO.MODE pretrain run's backbone (the heads start fresh)")
     parser.add_argument("--resume", help="run folder or checkpoint to continue exactly (optimizer, iteration, RNG)")
     return parser
 
@@ -28,14 +30,19 @@ def train_from_args(args: argparse.Namespace) -> "Trainer":  # noqa: F821
     from melecole.errors import ConfigError
 
     if args.resume:
-        if args.supervised_checkpoint:
-            raise ConfigError("--resume and --supervised_checkpoint exclude each other")
+        if args.supervised_checkpoint or getattr(args, "ssl_checkpoint", None):
+            raise ConfigError("--resume excludes --supervised_checkpoint and --ssl_checkpoint")
         cfg, checkpoint = resume_config(args.resume, args.opts)
         trainer = Trainer(cfg, resume_checkpoint=checkpoint)
     else:
         if args.config is None:
             raise ConfigError("--config is required (unless --resume is given)")
         cfg = load_cfg(args.config, args.opts)
-        trainer = Trainer(cfg, supervised_checkpoint=args.supervised_checkpoint)
+        if args.supervised_checkpoint and getattr(args, "ssl_checkpoint", None):
+            raise ConfigError("--supervised_checkpoint and --ssl_checkpoint exclude each other")
+        ssl_checkpoint = getattr(args, "ssl_checkpoint", None)
+        trainer = Trainer(
+            cfg, supervised_checkpoint=args.supervised_checkpoint, ssl_checkpoint=ssl_checkpoint
+        )
     trainer.train()
     return trainer

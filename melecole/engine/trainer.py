@@ -113,6 +113,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         resume_checkpoint: dict | None = None,
         supervised_checkpoint: str | Path | None = None,
+        ssl_checkpoint: str | Path | None = None,
     ) -> None:
         from melecole.data import build_train_loader, build_val_batches, check_data_root
         from melecole.losses import build_criterion
@@ -126,7 +127,9 @@ class Trainer:
         self.device = resolve_device(cfg.HARDWARE.DEVICE, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        check_data_root(cfg, [cfg.DATASET.TRAIN_SPLIT])
+        moco_pretrain = cfg.MOCO.ENABLED and cfg.MOCO.MODE == "pretrain"
+        if not moco_pretrain:  # contrastive pre-training needs no labelled folder
+            check_data_root(cfg, [cfg.DATASET.TRAIN_SPLIT])
 
         if resume_checkpoint is not None and run_dir is None:
             run_dir = Path(resume_checkpoint["path"]).resolve().parent.parent
@@ -154,9 +157,24 @@ class Trainer:
             check_model_compatible(checkpoint, cfg)
             load_model_weights(model, checkpoint)
             self.logger.info("initialised weights from %s", checkpoint["path"])
+        if ssl_checkpoint is not None:
+            from melecole.engine.moco_hooks import load_backbone_weights
+
+            fresh = load_backbone_weights(model, ssl_checkpoint, cfg)
+            self.logger.info("initialised the backbone from %s (fresh heads: %s)", ssl_checkpoint, len(fresh))
         self.model = self.wrap_model(model.to(self.device))
         self.criterion = build_criterion(cfg).to(self.device)
-        self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        # MoCo (MOCO.ENABLED): projection head, momentum network and queue; made after wrapping,
+        # so that the momentum copy starts from the synchronised weights.
+        self.moco = None
+        if cfg.MOCO.ENABLED:
+            from melecole.engine.moco_hooks import MoCoHook
+
+            self.moco = MoCoHook(cfg, self.model, self.device, self.world_size)
+        extra_parameters = self.moco.parameters() if self.moco is not None else []
+        self.optimizer = build_optimizer(
+            cfg, [p for p in self.model.parameters() if p.requires_grad] + extra_parameters
+        )
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = bool(cfg.HARDWARE.AMP) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -164,10 +182,14 @@ class Trainer:
         if resume_checkpoint is not None:
             self.load_state(resume_checkpoint)
 
-        self.train_loader = build_train_loader(
-            cfg, start_iteration=self.iteration, rank=self.rank, world_size=self.world_size
-        )
-        self.val_batches = build_val_batches(cfg, rank=0) if self.is_main and cfg.LOG.VAL_FREQUENCY > 0 else []
+        if self.moco is not None:
+            self.train_loader = self.moco.build_loader(self.iteration, self.rank, self.world_size)
+        else:
+            self.train_loader = build_train_loader(
+                cfg, start_iteration=self.iteration, rank=self.rank, world_size=self.world_size
+            )
+        validate = self.is_main and cfg.LOG.VAL_FREQUENCY > 0 and not moco_pretrain
+        self.val_batches = build_val_batches(cfg, rank=0) if validate else []
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -200,6 +222,8 @@ class Trainer:
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and loss terms for one batch (already on the device)."""
+        if self.moco is not None:
+            return self.moco.compute_losses(self, batch)
         with self.autocast():
             outputs = self.model(batch["raw"])
         outputs = {name: value.float() for name, value in outputs.items()}
@@ -336,7 +360,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def state_extra(self) -> dict:
         """Extra entries for the checkpoint (e.g. a MoCo queue lives in the model's buffers)."""
-        return {"mean_loss_recent": _mean([h["loss"] for h in self.history[-50:]])}
+        extra = {"mean_loss_recent": _mean([h["loss"] for h in self.history[-50:]])}
+        if self.moco is not None:
+            extra["moco"] = self.moco.state_dict()
+        return extra
 
     def save_checkpoint(self, final: bool) -> Path:
         """checkpoints/iter_<N>.pt and checkpoints/last.pt, both written atomically."""
@@ -364,6 +391,8 @@ class Trainer:
                 self.scaler.load_state_dict(checkpoint["scaler"])
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"checkpoint '{checkpoint['path']}': cannot restore optimizer state ({error})") from None
+        if self.moco is not None:
+            self.moco.load_state_dict(checkpoint.get("moco"), source=f"checkpoint '{checkpoint['path']}'")
         self.iteration = int(checkpoint["iteration"])
         rng = checkpoint.get("rng")
         set_rng_state(rng)

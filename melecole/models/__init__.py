@@ -8,9 +8,10 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from melecole.errors import ConfigError
+from melecole.models.moco import DenseMoCo, ProjectionHead
 from melecole.models.unet3d import UNet3D
 
-__all__ = ["MODEL_REGISTRY", "UNet3D", "build_model"]
+__all__ = ["MODEL_REGISTRY", "DenseMoCo", "ProjectionHead", "UNet3D", "build_model"]
 
 
 def _build_unet3d(cfg: CN) -> UNet3D:
