@@ -1,1 +1,35 @@
-"""melecole.inference"""
+"""Inference: sliding-window prediction -> blended affinities + foreground -> mutex watershed.
+
+    affinities, foreground = predict_volume(model, raw, window=(20, 128, 128), offsets=OFFSETS, delta_d=1.5)
+    labels = mutex_watershed(affinities, OFFSETS, foreground=foreground, background_threshold=0.5)
+
+``run_inference(cfg, checkpoint, split=...)`` is the library side of ``infer.py``.
+"""
+
+from melecole.inference.affinities import (
+    INVALID_AFFINITY,
+    affinities_from_labels,
+    embeddings_to_affinities,
+    offset_valid_mask,
+)
+from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
+from melecole.inference.pipeline import VolumeResult, resolve_windows, results_dir, run_inference
+from melecole.inference.sliding_window import blending_profile, default_stride, predict_volume, window_starts
+
+__all__ = [
+    "INVALID_AFFINITY",
+    "VolumeResult",
+    "affinities_from_labels",
+    "blending_profile",
+    "default_stride",
+    "embeddings_to_affinities",
+    "mutex_watershed",
+    "mws_weights",
+    "number_of_attractive_channels",
+    "offset_valid_mask",
+    "predict_volume",
+    "resolve_windows",
+    "results_dir",
+    "run_inference",
+    "window_starts",
+]

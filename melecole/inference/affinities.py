@@ -1,0 +1,192 @@
+"""Embeddings -> affinities (Lee et al. 2019) and affinity helpers.
+
+Affinity channel ``c`` at voxel ``p`` concerns the pair ``(p, p + offsets[c])`` (DESIGN.md):
+
+    d = ||e_p - e_{p+o}||   (l1 or l2, the norm of the metric loss, LOSS.NORM)
+    a = max(0, 1 - d / (2 * delta_d))^2      in [0, 1], 1 = same object
+
+Pairs whose second voxel ``p + o`` lies outside the volume are invalid: they get the value
+``INVALID_AFFINITY`` (0.0) and are never used as edges (see :func:`offset_valid_mask`; the mutex
+watershed ignores them whatever their value).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "INVALID_AFFINITY",
+    "embeddings_to_affinities",
+    "offset_valid_mask",
+    "offset_slices",
+    "affinities_from_labels",
+]
+
+# Value stored for pairs that leave the volume (or, after blending, that no window could compute).
+INVALID_AFFINITY = 0.0
+
+Offsets = Sequence[Sequence[int]]
+Norm = Literal["l1", "l2"]
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Chunk the numpy path along z so the (E, chunk) difference temporary stays around this many elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def offset_slices(
+    shape: Sequence[int], offset: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """Slices ``(source, target)`` selecting every valid pair ``(p, p + offset)`` of a grid.
+
+    ``array[source]`` are the voxels p whose partner ``p + offset`` is inside, ``array[target]``
+    the partners, element by element. None if no pair is valid (|offset| >= size on some axis).
+    """
+    source, target = [], []
+    for size, step in zip(shape, offset):
+        step = int(step)
+        if abs(step) >= size:
+            return None
+        source.append(slice(max(0, -step), size - max(0, step)))
+        target.append(slice(max(0, step), size - max(0, -step)))
+    return tuple(source), tuple(target)
+
+
+def offset_valid_mask(shape: Sequence[int], offsets: Offsets) -> np.ndarray:
+    """bool (C, Z, Y, X): True where the pair ``(p, p + offsets[c])`` lies inside ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    mask = np.zeros((len(offsets),) + shape, dtype=bool)
+    for channel, offset in enumerate(offsets):
+        slices = offset_slices(shape, offset)
+        if slices is not None:
+            mask[(channel,) + slices[0]] = True
+    return mask
+
+
+def _check_offsets(offsets: Offsets, ndim: int) -> list[tuple[int, ...]]:
+    checked = [tuple(int(v) for v in offset) for offset in offsets]
+    if not checked or any(len(offset) != ndim for offset in checked):
+        raise ValueError(f"offsets must be a non-empty list of {ndim}-tuples, got {list(offsets)!r}")
+    return checked
+
+
+def _distance_to_affinity(distance: torch.Tensor, delta_d: float) -> torch.Tensor:
+    return torch.clamp(1.0 - distance / (2.0 * delta_d), min=0.0).square_()
+
+
+def _pair_distance(first: torch.Tensor, second: torch.Tensor, norm: Norm, dim: int) -> torch.Tensor:
+    difference = first - second
+    if norm == "l2":
+        return torch.linalg.vector_norm(difference, ord=2, dim=dim)
+    return difference.abs_().sum(dim=dim)
+
+
+def _affinities_batched(
+    embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm
+) -> torch.Tensor:
+    """(B, E, Z, Y, X) -> (B, C, Z, Y, X) float32 on the embedding's device, one vectorised op per channel."""
+    embedding = embedding.float()
+    batch, _, *shape = embedding.shape
+    out = torch.full(
+        (batch, len(offsets), *shape), INVALID_AFFINITY, dtype=torch.float32, device=embedding.device
+    )
+    for channel, offset in enumerate(offsets):
+        slices = offset_slices(shape, offset)
+        if slices is None:
+            continue
+        source, target = slices
+        everything = (slice(None), slice(None))
+        distance = _pair_distance(embedding[everything + source], embedding[everything + target], norm, dim=1)
+        out[(slice(None), channel) + source] = _distance_to_affinity(distance, delta_d)
+    return out
+
+
+def _affinities_chunked(
+    embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm
+) -> torch.Tensor:
+    """(E, Z, Y, X) -> (C, Z, Y, X), in z chunks so temporaries stay small for whole volumes."""
+    embedding = embedding.float()
+    dims, *shape = embedding.shape
+    out = torch.full((len(offsets), *shape), INVALID_AFFINITY, dtype=torch.float32, device=embedding.device)
+    plane = max(1, dims * shape[1] * shape[2])
+    chunk = max(1, _CHUNK_ELEMENTS // plane)
+    for channel, offset in enumerate(offsets):
+        slices = offset_slices(shape, offset)
+        if slices is None:
+            continue
+        source, target = slices
+        dz = offset[0]
+        for z0 in range(source[0].start, source[0].stop, chunk):
+            z1 = min(z0 + chunk, source[0].stop)
+            first = embedding[(slice(None), slice(z0, z1)) + source[1:]]
+            second = embedding[(slice(None), slice(z0 + dz, z1 + dz)) + target[1:]]
+            out[(channel, slice(z0, z1)) + source[1:]] = _distance_to_affinity(
+                _pair_distance(first, second, norm, dim=0), delta_d
+            )
+    return out
+
+
+def embeddings_to_affinities(
+    embedding: ArrayLike, offsets: Offsets, delta_d: float, norm: Norm = "l2"
+) -> ArrayLike:
+    """Affinities from embeddings: ``a = max(0, 1 - ||e_p - e_{p+o}|| / (2 delta_d))^2``.
+
+    Args:
+        embedding: (E, Z, Y, X) or batched (B, E, Z, Y, X); numpy array or torch tensor (any
+            float dtype, any device; computed in float32 on that device).
+        offsets: C offsets (dz, dy, dx); channel c concerns the pair (p, p + offsets[c]).
+        delta_d: LOSS.DELTA_D; pairs further apart than 2 * delta_d get affinity 0.
+        norm: "l2" or "l1", the norm of the metric loss (LOSS.NORM).
+
+    Returns:
+        float32 (C, Z, Y, X) (or (B, C, Z, Y, X)), same kind (numpy / torch) and device as the
+        input; invalid pairs (p + o outside) hold ``INVALID_AFFINITY``.
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    if not delta_d > 0:
+        raise ValueError(f"delta_d must be > 0, got {delta_d}")
+    is_numpy = isinstance(embedding, np.ndarray)
+    tensor = torch.from_numpy(np.ascontiguousarray(embedding)) if is_numpy else embedding
+    if tensor.ndim not in (4, 5):
+        raise ValueError(
+            f"embedding must be (E, Z, Y, X) or (B, E, Z, Y, X), got shape {tuple(tensor.shape)}"
+        )
+    checked = _check_offsets(offsets, 3)
+    with torch.no_grad():
+        if tensor.ndim == 5:
+            result = _affinities_batched(tensor, checked, float(delta_d), norm)
+        else:
+            result = _affinities_chunked(tensor, checked, float(delta_d), norm)
+    return result.numpy() if is_numpy else result
+
+
+def affinities_from_labels(
+    labels: np.ndarray, offsets: Offsets, ignore_background: bool = False
+) -> np.ndarray:
+    """Ideal affinities from a label volume (tests, benchmarks).
+
+    Args:
+        labels: (Z, Y, X) integer ids.
+        offsets: C offsets (dz, dy, dx).
+        ignore_background: if True, pairs touching label 0 get 0 (different objects); otherwise
+            label 0 is an ordinary id.
+
+    Returns:
+        float32 (C, Z, Y, X): 1 where both voxels carry the same id, 0 otherwise and for invalid pairs.
+    """
+    labels = np.asarray(labels)
+    checked = _check_offsets(offsets, labels.ndim)
+    out = np.full((len(checked),) + labels.shape, INVALID_AFFINITY, dtype=np.float32)
+    for channel, offset in enumerate(checked):
+        slices = offset_slices(labels.shape, offset)
+        if slices is None:
+            continue
+        source, target = slices
+        same = labels[source] == labels[target]
+        if ignore_background:
+            same &= labels[source] != 0
+        out[(channel,) + source] = same
+    return out

@@ -1,0 +1,134 @@
+"""Mutex watershed (Wolf et al.) on blended affinities, numpy in, numpy out.
+
+Weights follow DESIGN.md: the nearest-neighbour channels (offsets with L1 norm 1, which must come
+first) are attractive edges with weight ``a``; every other channel is a mutex (repulsive) edge with
+weight ``1 - a``. The engine (``bioimage_cpp.segmentation.mutex_watershed``) processes edges of
+both kinds in one list, highest weight first. Pairs that leave the volume are never edges (the
+engine only builds edges inside the grid), so the values stored for them do not matter.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from melecole.inference.affinities import Offsets
+
+__all__ = ["mutex_watershed", "mws_weights", "number_of_attractive_channels"]
+
+
+def number_of_attractive_channels(offsets: Offsets) -> int:
+    """How many leading offsets are nearest-neighbour (L1 norm 1) offsets: the attractive channels.
+
+    Raises:
+        ValueError: no leading nearest-neighbour offset, or one appears after a long-range offset.
+    """
+    norms = [sum(abs(int(v)) for v in offset) for offset in offsets]
+    count = 0
+    while count < len(norms) and norms[count] == 1:
+        count += 1
+    if count == 0 or 1 in norms[count:]:
+        raise ValueError(
+            f"offsets must start with the nearest-neighbour offsets (L1 norm 1, attractive edges) and "
+            f"have none later; got {[list(o) for o in offsets]}"
+        )
+    return count
+
+
+def mws_weights(affinities: np.ndarray, num_attractive: int, in_place: bool = False) -> np.ndarray:
+    """Edge weights for the engine: ``a`` on attractive channels, ``1 - a`` on mutex channels.
+
+    Args:
+        affinities: (C, Z, Y, X) in [0, 1], float32 / float64 / float16 (float16 is widened).
+        num_attractive: the first this many channels are attractive.
+        in_place: overwrite ``affinities`` (C-contiguous float32 or float64 only) instead of
+            allocating a copy; saves one affinity-sized array.
+
+    Returns:
+        C-contiguous float32 or float64 (C, Z, Y, X); ``affinities`` itself when ``in_place``.
+    """
+    if in_place:
+        if affinities.dtype not in (np.float32, np.float64) or not affinities.flags.c_contiguous:
+            raise ValueError("in_place needs a C-contiguous float32 or float64 affinity array")
+        weights = affinities
+    else:
+        dtype = affinities.dtype if affinities.dtype in (np.float32, np.float64) else np.float32
+        weights = np.empty(affinities.shape, dtype=dtype)
+        weights[:num_attractive] = affinities[:num_attractive]
+    # One channel at a time keeps the temporary of a dtype conversion channel-sized.
+    for channel in range(num_attractive, affinities.shape[0]):
+        np.subtract(1.0, affinities[channel], out=weights[channel], casting="unsafe")
+    return weights
+
+
+def mutex_watershed(
+    affinities: np.ndarray,
+    offsets: Offsets,
+    foreground: np.ndarray | None = None,
+    background_threshold: float = 0.5,
+    strides: Sequence[int] | None = None,
+    randomized: bool = False,
+    *,
+    weights_ready: bool = False,
+    in_place: bool = False,
+) -> np.ndarray:
+    """Segments affinities with the mutex watershed.
+
+    Args:
+        affinities: (C, Z, Y, X) P(same object) in [0, 1] for the pairs (p, p + offsets[c]);
+            float32 / float64 / float16. Invalid pairs (leaving the volume) are ignored.
+        offsets: C offsets (dz, dy, dx); the nearest-neighbour ones first (attractive).
+        foreground: optional (Z, Y, X) foreground probability; voxels below
+            ``background_threshold`` are label 0 and none of their edges is used.
+        background_threshold: INFERENCE.MWS_BACKGROUND. Ignored without ``foreground``.
+        strides: optional (sz, sy, sx) sub-sampling of mutex edges (INFERENCE.MWS_STRIDES);
+            None or all ones keeps every edge.
+        randomized: sub-sample mutex edges at random with probability 1 / prod(strides) instead
+            of on a regular grid (INFERENCE.MWS_RANDOMIZED_STRIDES).
+        weights_ready: ``affinities`` already holds engine weights (from :func:`mws_weights`), so
+            several thresholds can share one conversion.
+        in_place: convert ``affinities`` to weights in place (it is overwritten).
+
+    Returns:
+        uint64 (Z, Y, X) labels, consecutive from 1; 0 = background (masked) voxels.
+    """
+    from bioimage_cpp.segmentation import mutex_watershed as engine
+
+    affinities = np.asarray(affinities)
+    if affinities.ndim != 4 or affinities.shape[0] != len(offsets):
+        raise ValueError(
+            f"affinities must be (C, Z, Y, X) with C = len(offsets) = {len(offsets)}, "
+            f"got shape {affinities.shape}"
+        )
+    num_attractive = number_of_attractive_channels(offsets)
+    if weights_ready:
+        weights = affinities
+        if weights.dtype not in (np.float32, np.float64):
+            weights = weights.astype(np.float32)
+    else:
+        weights = mws_weights(affinities, num_attractive, in_place=in_place)
+
+    mask = None
+    if foreground is not None:
+        foreground = np.asarray(foreground)
+        if foreground.shape != affinities.shape[1:]:
+            raise ValueError(
+                f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}"
+            )
+        mask = foreground >= background_threshold
+        if mask.all():
+            mask = None  # nothing masked: skip the engine's per-channel mask pass
+    # All-ones strides keep every edge; passing None skips the engine's stride pass.
+    stride_list = (
+        [int(s) for s in strides] if strides is not None and any(int(s) != 1 for s in strides) else None
+    )
+    labels = engine(
+        weights,
+        [[int(v) for v in offset] for offset in offsets],
+        num_attractive,
+        strides=stride_list,
+        randomized_strides=bool(randomized and stride_list is not None),
+        mask=mask,
+    )
+    return labels.astype(np.uint64, copy=False)

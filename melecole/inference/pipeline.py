@@ -1,0 +1,429 @@
+"""Whole-volume inference: checkpoint + volumes -> affinities, foreground, segmentation files.
+
+Output layout (DESIGN.md), per volume, under ``<run dir>/results/<checkpoint stem>/``:
+
+    <prefix>_affinities.hdf    'affinities'   float16 (C, Z, Y, X), attrs offsets (JSON) etc.
+    <prefix>_membranes.hdf     'membranes'    float16 (Z, Y, X) foreground probability
+                                              (P(inside a neuron); the membrane map is 1 - it)
+    <prefix>_segmentation.hdf  'segmentation' uint64 (Z, Y, X), MWS at INFERENCE.MWS_BACKGROUND,
+                               'segmentation_t0.30', ... one more per extra threshold
+
+``<prefix>`` is the split name, ``<split>_<volume stem>`` when the split holds several volumes, or
+the input file's stem for ``--input``. The run dir is the checkpoint's run folder (the checkpoint
+lies in RUN/checkpoints/) or the given output folder. Outputs cover the labelled region: the raw
+may carry DATASET.PADDING context, which is used for prediction and then cropped away.
+
+Affinities and foreground are stored as float16 (half the space; error < 5e-4) and the
+segmentation is always computed from these stored values, so a run that reuses them gives the
+same labels as the run that wrote them. Every file carries a JSON ``fingerprint`` attribute
+(checkpoint content hash and iteration, the inference-relevant config values, the input file's
+identity); matching affinity and membrane files are reused and only the mutex watershed is redone.
+All files are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+from yacs.config import CfgNode as CN
+
+from melecole.errors import ConfigError, DataError
+from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
+from melecole.inference.sliding_window import default_stride, predict_volume
+from melecole.utils.io import atomic_path
+
+__all__ = [
+    "FINGERPRINT_FORMAT",
+    "VolumeResult",
+    "run_inference",
+    "resolve_windows",
+    "results_dir",
+    "segmentation_key",
+    "write_hdf",
+]
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FORMAT = "melecole-inference-v1"
+STORAGE_DTYPE = np.float16
+AFFINITIES_KEY, MEMBRANES_KEY, SEGMENTATION_KEY = "affinities", "membranes", "segmentation"
+
+
+@dataclass
+class VolumeResult:
+    """Where one volume's outputs went, and whether affinities/foreground came from the cache."""
+
+    name: str
+    affinities: Path
+    membranes: Path
+    segmentation: Path
+    reused: bool
+    segmentation_keys: list[str] = field(default_factory=list)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def segmentation_key(threshold: float | None) -> str:
+    """'segmentation' for INFERENCE.MWS_BACKGROUND (None), 'segmentation_t0.30' for an extra threshold."""
+    return SEGMENTATION_KEY if threshold is None else f"{SEGMENTATION_KEY}_t{threshold:.2f}"
+
+
+def resolve_windows(cfg: CN) -> tuple[list[int], list[int], list[int]]:
+    """(window, stride, margin) from INFERENCE.* / MODEL.INPUT_SIZE, checked.
+
+    Window: INFERENCE.WINDOW_SIZE or MODEL.INPUT_SIZE; it must suit the UNet's downsampling.
+    Stride: INFERENCE.STRIDE, or half the window, lowered where needed so that every affinity pair
+    lies in one cropped window (stride <= window - 2 * margin - max |offset| per axis).
+
+    Raises:
+        ConfigError: the window does not suit the model, or stride/margin leave pairs uncovered.
+    """
+    window = list(cfg.INFERENCE.WINDOW_SIZE) or list(cfg.MODEL.INPUT_SIZE)
+    z_factor = 2 ** sum(bool(p) for p in cfg.MODEL.POOL_Z)
+    xy_factor = 2 ** (len(cfg.MODEL.FILTERS) - 1)
+    if window[0] % z_factor or window[1] % xy_factor or window[2] % xy_factor:
+        raise ConfigError(
+            f"INFERENCE.WINDOW_SIZE {window} must be divisible by ({z_factor}, {xy_factor}, {xy_factor}), "
+            f"the downsampling of MODEL.FILTERS/MODEL.POOL_Z"
+        )
+    margin = list(cfg.INFERENCE.MARGIN)
+    reach = [max(abs(int(o[a])) for o in cfg.INFERENCE.OFFSETS) for a in range(3)]
+    limit = [w - 2 * m - r for w, m, r in zip(window, margin, reach)]
+    if cfg.INFERENCE.STRIDE:
+        stride = list(cfg.INFERENCE.STRIDE)
+        bad = [a for a in range(3) if stride[a] > limit[a]]
+    else:
+        stride = default_stride(window, margin, cfg.INFERENCE.OFFSETS)
+        bad = [a for a in range(3) if limit[a] < 1]
+    if bad:
+        raise ConfigError(
+            "INFERENCE.STRIDE/INFERENCE.MARGIN: every affinity pair must lie inside one cropped window, "
+            "so stride <= window - 2 * margin - max |offset| per axis; "
+            + "; ".join(
+                f"{'zyx'[a]}: stride {stride[a]}, window {window[a]}, margin {margin[a]}, "
+                f"max offset {reach[a]}"
+                for a in bad
+            )
+        )
+    return window, stride, margin
+
+
+def results_dir(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """``<run dir>/results/<checkpoint stem>``; run dir = ``output_dir`` or the checkpoint's run folder."""
+    checkpoint_path = Path(checkpoint_path)
+    if output_dir is not None:
+        run_dir = Path(output_dir)
+    elif checkpoint_path.parent.name == "checkpoints":
+        run_dir = checkpoint_path.parent.parent
+    else:
+        run_dir = checkpoint_path.parent
+    return run_dir / "results" / checkpoint_path.stem
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(
+    cfg: CN,
+    checkpoint: dict,
+    checkpoint_sha: str,
+    input_path: Path,
+    raw_key: str,
+    region: Sequence[slice],
+    windows: tuple,
+    amp: bool,
+) -> str:
+    """JSON (sorted keys) of everything the stored affinities and foreground depend on."""
+    stat = input_path.stat()
+    window, stride, margin = windows
+    content: dict[str, Any] = {
+        "format": FINGERPRINT_FORMAT,
+        "checkpoint": {"sha256": checkpoint_sha, "iteration": int(checkpoint.get("iteration", -1))},
+        "input": {
+            "path": str(input_path.resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "raw_key": raw_key,
+            "region": [[s.start, s.stop] for s in region],
+        },
+        "model": {
+            key: (list(value) if isinstance(value, (list, tuple)) else value)
+            for key, value in cfg.MODEL.items()
+        },
+        "inference": {
+            "offsets": [list(o) for o in cfg.INFERENCE.OFFSETS],
+            "window": window,
+            "stride": stride,
+            "margin": margin,
+            "blending": cfg.INFERENCE.BLENDING,
+            "norm": cfg.LOSS.NORM,
+            "delta_d": cfg.LOSS.DELTA_D,
+            "amp": amp,
+            "storage": np.dtype(STORAGE_DTYPE).name,
+        },
+    }
+    return json.dumps(content, sort_keys=True)
+
+
+def write_hdf(path: str | os.PathLike, datasets: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:
+    """Writes ``{key: (array, dataset attrs)}`` and file ``attrs`` to ``path`` atomically (gzip)."""
+    with atomic_path(path) as temporary:
+        with h5py.File(temporary, "w") as handle:
+            for key, value in attrs.items():
+                handle.attrs[key] = value
+            for key, (array, dataset_attrs) in datasets.items():
+                array = np.asarray(array)
+                chunks = tuple(
+                    min(s, c) for s, c in zip(array.shape, (1,) * (array.ndim - 3) + (16, 128, 128))
+                )
+                dataset = handle.create_dataset(
+                    key, data=array, compression="gzip", compression_opts=4, shuffle=True, chunks=chunks
+                )
+                for name, item in dataset_attrs.items():
+                    dataset.attrs[name] = item
+
+
+def _write_predictions(
+    paths: dict[str, Path], affinities: np.ndarray, foreground: np.ndarray, cfg: CN, attrs: dict
+) -> None:
+    """The affinity and membrane files, each with the fingerprint ``attrs``."""
+    affinity_attrs = {
+        "offsets": json.dumps([list(o) for o in cfg.INFERENCE.OFFSETS]),
+        "invalid_value": 0.0,
+        "description": "P(p and p + offsets[c] in one object); 0 for pairs leaving the volume",
+    }
+    write_hdf(paths["affinities"], {AFFINITIES_KEY: (affinities, affinity_attrs)}, attrs)
+    foreground_attrs = {"description": "P(voxel inside a neuron); membrane probability = 1 - it"}
+    write_hdf(paths["membranes"], {MEMBRANES_KEY: (foreground, foreground_attrs)}, attrs)
+
+
+def _read_cached(paths: dict[str, Path], fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Stored (affinities, foreground) if both files exist with this fingerprint, else None."""
+    arrays = []
+    for kind, key in (("affinities", AFFINITIES_KEY), ("membranes", MEMBRANES_KEY)):
+        path = paths[kind]
+        if not path.is_file():
+            return None
+        try:
+            with h5py.File(path, "r") as handle:
+                if handle.attrs.get("fingerprint") != fingerprint or key not in handle:
+                    return None
+                arrays.append(handle[key][()])
+        except OSError:  # unreadable leftovers are simply recomputed
+            return None
+    return arrays[0], arrays[1]
+
+
+def _label_region(volume) -> tuple[slice, ...]:
+    """Slices of the raw that hold the labelled region (raw index = label index + padding)."""
+    return tuple(slice(p, p + s) for p, s in zip(volume.padding, volume.shape))
+
+
+def _read_input(path: Path, cfg: CN, raw_key: str):
+    """Volume with labels when the file has DATASET.LABEL_KEY, else raw only."""
+    from melecole.data.volume import read_volume
+
+    label_key = cfg.DATASET.LABEL_KEY
+    try:
+        with h5py.File(path, "r") as handle:
+            has_labels = label_key in handle
+    except OSError:
+        has_labels = False  # read_volume reports the unreadable file
+    return read_volume(
+        path, raw_key=raw_key, label_key=label_key if has_labels else None, padding=cfg.DATASET.PADDING
+    )
+
+
+def _predict(
+    model: torch.nn.Module, volume, cfg: CN, windows: tuple, device: torch.device, amp: bool, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sliding-window prediction on the whole raw, outputs for the labelled region, as float16."""
+    from melecole.data.volume import normalize_raw
+
+    raw = volume.raw if volume.raw.dtype == np.uint8 else normalize_raw(volume.raw, volume.value_range)
+    window, stride, margin = windows
+    affinities, foreground = predict_volume(
+        model,
+        raw,
+        window=window,
+        stride=stride,
+        margin=margin,
+        offsets=cfg.INFERENCE.OFFSETS,
+        delta_d=cfg.LOSS.DELTA_D,
+        norm=cfg.LOSS.NORM,
+        blending=cfg.INFERENCE.BLENDING,
+        batch_size=cfg.INFERENCE.BATCH_SIZE,
+        device=device,
+        amp=amp,
+        progress=progress,
+        region=_label_region(volume),
+    )
+    stored = np.empty(affinities.shape, dtype=STORAGE_DTYPE)
+    for channel in range(affinities.shape[0]):  # channel-wise: no second float32-sized temporary
+        stored[channel] = affinities[channel]
+    del affinities
+    return stored, foreground.astype(STORAGE_DTYPE)
+
+
+def _segment(
+    affinities: np.ndarray, foreground: np.ndarray, cfg: CN, thresholds: Sequence[float]
+) -> dict[str, tuple[np.ndarray, dict]]:
+    """One MWS per threshold, sharing one conversion to edge weights."""
+    offsets = cfg.INFERENCE.OFFSETS
+    weights = mws_weights(affinities, number_of_attractive_channels(offsets))
+    wanted: dict[str, float] = {segmentation_key(None): cfg.INFERENCE.MWS_BACKGROUND}
+    wanted.update({segmentation_key(t): float(t) for t in thresholds})
+    done: dict[float, np.ndarray] = {}
+    datasets = {}
+    for key, threshold in wanted.items():
+        if threshold not in done:
+            logger.info("mutex watershed (background threshold %.2f)", threshold)
+            done[threshold] = mutex_watershed(
+                weights,
+                offsets,
+                foreground=foreground,
+                background_threshold=threshold,
+                strides=cfg.INFERENCE.MWS_STRIDES,
+                randomized=cfg.INFERENCE.MWS_RANDOMIZED_STRIDES,
+                weights_ready=True,
+            )
+        datasets[key] = (
+            done[threshold],
+            {
+                "background_threshold": threshold,
+                "strides": list(cfg.INFERENCE.MWS_STRIDES),
+                "randomized_strides": bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
+                "num_segments": int(done[threshold].max()),
+            },
+        )
+    return datasets
+
+
+def _evaluate(
+    datasets: dict[str, tuple[np.ndarray, dict]], labels: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """VI split/merge (bits) and adapted Rand error per segmentation; {} without melecole.evaluation."""
+    try:
+        from melecole.evaluation import evaluate_segmentation
+    except ImportError:
+        return {}
+    scores = {}
+    for key, (segmentation, _) in datasets.items():
+        result = evaluate_segmentation(segmentation, labels, top_k=0)
+        scores[key] = {"vi_split": result.vi_split, "vi_merge": result.vi_merge, "arand": result.arand}
+    return scores
+
+
+def _volume_jobs(cfg: CN, split: str | None, input_path: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    """[(output prefix, file)]: the input file (prefix: the split if given, else its stem) or every
+    volume of the split (prefix: the split, or <split>_<stem> when it holds several)."""
+    from melecole.data.volume import list_volumes
+
+    if input_path is not None:
+        path = Path(input_path)
+        if not path.is_file():
+            raise DataError(f"input file '{path}' does not exist")
+        return [(split or path.stem, path)]
+    if split is None:
+        raise ConfigError("give a split (--split) or an input file (--input)")
+    files = list_volumes(cfg.DATASET.DATA_ROOT, split)
+    if len(files) == 1:
+        return [(split, files[0])]
+    return [(f"{split}_{path.stem}", path) for path in files]
+
+
+def run_inference(
+    cfg: CN,
+    checkpoint_path: str | os.PathLike,
+    *,
+    split: str | None = None,
+    input_path: str | os.PathLike | None = None,
+    raw_key: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    thresholds: Sequence[float] = (),
+    overwrite: bool = False,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> list[VolumeResult]:
+    """Predicts, caches and segments every volume of ``split`` (or the one ``input_path``).
+
+    Args:
+        cfg: merged config; its model-shaping keys must match the checkpoint's.
+        checkpoint_path: a checkpoint file, or a run folder (uses checkpoints/last.pt).
+        split: infer every HDF5 volume in ``<DATASET.DATA_ROOT>/<split>/``.
+        input_path: one HDF5 file instead of the split's volumes (``split``, if given, only names
+            the outputs); ``raw_key`` overrides DATASET.RAW_KEY.
+        output_dir: run folder for results/ (default: the checkpoint's run folder).
+        thresholds: extra foreground thresholds; each adds a 'segmentation_tX.XX' dataset.
+        overwrite: recompute affinities even if matching cached files exist.
+        evaluate: score segmentations against labels when the file has them.
+        progress: tqdm bar over windows.
+
+    Raises:
+        CheckpointError: missing / unreadable checkpoint, or one trained with a different model shape.
+        DataError: missing split folder, input file or HDF5 key.
+        ConfigError: unusable window / stride / margin.
+    """
+    from melecole.engine.checkpoint import build_model_from_checkpoint
+    from melecole.utils.device import resolve_device
+
+    for threshold in thresholds:
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"--thresholds must lie in [0, 1], got {threshold}")
+    windows = resolve_windows(cfg)
+    jobs = _volume_jobs(cfg, split, input_path)
+    device = resolve_device(cfg.HARDWARE.DEVICE)
+    amp = bool(cfg.HARDWARE.AMP and device.type == "cuda")
+    model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=device)
+    checkpoint_file = Path(checkpoint["path"])
+    checkpoint_sha = _file_sha256(checkpoint_file)
+    out_dir = results_dir(checkpoint_file, output_dir)
+    raw_key = raw_key or cfg.DATASET.RAW_KEY
+    logger.info("checkpoint %s (iteration %s) on %s", checkpoint_file, checkpoint.get("iteration"), device)
+
+    results = []
+    for prefix, path in jobs:
+        volume = _read_input(path, cfg, raw_key)
+        paths = {
+            kind: out_dir / f"{prefix}_{kind}.hdf" for kind in ("affinities", "membranes", "segmentation")
+        }
+        fingerprint = _fingerprint(
+            cfg, checkpoint, checkpoint_sha, path, raw_key, _label_region(volume), windows, amp
+        )
+        attrs = {"fingerprint": fingerprint, "checkpoint": str(checkpoint_file), "input": str(path)}
+        cached = None if overwrite else _read_cached(paths, fingerprint)
+        if cached is not None:
+            logger.info("%s: reusing cached affinities and foreground from %s", path.name, out_dir)
+            affinities, foreground = cached
+        else:
+            logger.info("%s: predicting raw %s -> output %s", path.name, volume.raw.shape, volume.shape)
+            affinities, foreground = _predict(model, volume, cfg, windows, device, amp, progress)
+            _write_predictions(paths, affinities, foreground, cfg, attrs)
+        datasets = _segment(affinities, foreground, cfg, thresholds)
+        del affinities
+        write_hdf(paths["segmentation"], datasets, attrs)
+        result = VolumeResult(
+            prefix,
+            paths["affinities"],
+            paths["membranes"],
+            paths["segmentation"],
+            reused=cached is not None,
+            segmentation_keys=list(datasets),
+        )
+        if evaluate and volume.labels is not None:
+            result.scores = _evaluate(datasets, volume.labels)
+        results.append(result)
+    return results

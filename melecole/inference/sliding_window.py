@@ -1,0 +1,394 @@
+"""Sliding-window prediction: overlapping windows -> per-window affinities -> blended volume.
+
+Each window's embeddings give affinities inside that window only (DESIGN.md: embeddings of two
+windows need not share a frame). A window contributes the affinity of the pair (p, p + o) only if
+both voxels lie in its *cropped* region: the window minus ``margin`` voxels on each side, except on
+sides that touch the volume border. Contributions are blended with a separable weight profile
+(gaussian | bump | constant): weighted sums are accumulated and divided by the weight sums at the
+end. Window positions form a grid and every per-window weight is a product of per-axis factors, so
+the weight sums are products of three 1D arrays and never need a volume-sized array.
+
+Memory: the outputs (C + 1 volume-sized float32 arrays), plus one batch of windows on the device;
+windows are streamed (predicted, accumulated, discarded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import operator
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from melecole.inference.affinities import INVALID_AFFINITY, Offsets, _affinities_batched, _check_offsets
+
+# _normalise leaves pairs without weight at 0.
+assert INVALID_AFFINITY == 0.0
+
+__all__ = ["predict_volume", "window_starts", "default_stride", "blending_profile", "BLENDING_CHOICES"]
+
+BLENDING_CHOICES = ("gaussian", "bump", "constant")
+Blending = Literal["gaussian", "bump", "constant"]
+# Profiles are floored so that voxels seen only near window edges still get a positive weight.
+_PROFILE_FLOOR = 1e-3
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Window start positions along one axis: 0, stride, 2 stride, ..., the last one aligned to the end.
+
+    ``size`` must be >= ``window`` (pad smaller volumes first).
+    """
+    if size < window:
+        raise ValueError(f"axis of size {size} is smaller than the window {window}; pad it first")
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def default_stride(window: Sequence[int], margin: Sequence[int], offsets: Offsets) -> list[int]:
+    """Half the window, lowered where needed so that every pair lies in one cropped window.
+
+    Coverage needs stride <= window - 2 * margin - max |offset| along each axis; the result is at
+    least 1 (if even 1 is too large, :func:`predict_volume` reports the axis).
+    """
+    reach = [max(abs(int(o[a])) for o in offsets) for a in range(3)]
+    return [max(1, min(w // 2, w - 2 * m - r)) for w, m, r in zip(window, margin, reach)]
+
+
+def blending_profile(length: int, blending: Blending) -> np.ndarray:
+    """float64 (length,) weight profile along one window axis, in (0, 1], maximal at the centre.
+
+    gaussian: sigma = length / 8; bump: exp(1 - 1 / (1 - r^2)) with r in (-1, 1) from edge to edge;
+    constant: ones. Values are floored at 1e-3.
+    """
+    if blending not in BLENDING_CHOICES:
+        raise ValueError(f"blending must be one of {', '.join(BLENDING_CHOICES)}; got {blending!r}")
+    if blending == "constant" or length == 1:
+        return np.ones(length)
+    position = np.arange(length) - (length - 1) / 2.0
+    if blending == "gaussian":
+        profile = np.exp(-0.5 * (position / (length / 8.0)) ** 2)
+    else:
+        radius = position / (length / 2.0)
+        profile = np.exp(1.0 - 1.0 / (1.0 - radius**2))
+    return np.maximum(profile, _PROFILE_FLOOR)
+
+
+class _AxisPlan:
+    """Per-axis geometry: window starts, crop bounds and 1D weights per channel.
+
+    Weights of a window along this axis, for channel c at window-local index i:
+    ``profile[i] * [lo <= i < hi] * [lo <= i + o_c < hi]`` ([lo, hi) = the cropped region); the
+    foreground uses ``profile[i] * [lo <= i < hi]``. Summed over windows they give the 1D weight
+    sums whose outer products normalise the accumulated volume.
+    """
+
+    def __init__(
+        self,
+        axis: str,
+        size: int,
+        window: int,
+        stride: int,
+        margin: int,
+        out_begin: int,
+        out_size: int,
+        axis_offsets: Sequence[int],
+        profile: np.ndarray,
+    ):
+        self.axis = axis
+        self.window, self.stride = window, stride
+        self.starts = window_starts(size, window, stride)
+        # The output covers [out_begin, out_begin + out_size) of the (padded) input axis.
+        self.out_begin, self.out_size = out_begin, out_size
+        self.offsets = list(axis_offsets)
+        self.profile = profile
+        self.margin = margin
+        self.size = size
+        # 1D weight sums over windows, in padded coordinates: (C, size) and (size,).
+        self.affinity_sums = np.zeros((len(self.offsets), size))
+        self.foreground_sums = np.zeros(size)
+        for start in self.starts:
+            lo, hi = self.crop(start)
+            affinity, foreground = self.weights(lo, hi)
+            self.affinity_sums[:, start : start + window] += affinity
+            self.foreground_sums[start : start + window] += foreground
+
+    def crop(self, start: int) -> tuple[int, int]:
+        """Window-local cropped region [lo, hi): no margin on sides that touch the volume border."""
+        lo = 0 if start == 0 else self.margin
+        hi = self.window if start + self.window == self.size else self.window - self.margin
+        return lo, hi
+
+    def output_span(self, start: int) -> tuple[int, int]:
+        """[begin, end) in input coordinates where the window's cropped region meets the output."""
+        lo, hi = self.crop(start)
+        return max(start + lo, self.out_begin), min(start + hi, self.out_begin + self.out_size)
+
+    def weights(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(C, window) affinity weights and (window,) foreground weights of a window cropped to [lo, hi)."""
+        index = np.arange(self.window)
+        inside = (index >= lo) & (index < hi)
+        foreground = self.profile * inside
+        affinity = np.stack(
+            [foreground * ((index + step >= lo) & (index + step < hi)) for step in self.offsets]
+        )
+        return affinity, foreground
+
+    def inverse_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """1 / weight sums on the output axis: (C, out_size) and (out_size,).
+
+        Zero where the pair leaves the output region. Raises ValueError where a valid pair is
+        covered by no window (stride too large for the margin and offsets).
+        """
+        region = slice(self.out_begin, self.out_begin + self.out_size)
+        sums = self.affinity_sums[:, region]
+        index = np.arange(self.out_size)
+        inverse = np.zeros_like(sums)
+        for channel, step in enumerate(self.offsets):
+            valid = (index + step >= 0) & (index + step < self.out_size)
+            if np.any(sums[channel][valid] <= 0):
+                raise ValueError(
+                    f"along {self.axis}: window {self.window}, stride {self.stride}, margin {self.margin} "
+                    f"leave "
+                    f"pairs at offset {step} covered by no window (both voxels must lie in one cropped "
+                    f"window); use a stride <= window - 2 * margin - |offset| = "
+                    f"{self.window - 2 * self.margin - abs(step)}"
+                )
+            inverse[channel][valid] = 1.0 / sums[channel][valid]
+        foreground = self.foreground_sums[region]
+        return inverse, 1.0 / foreground
+
+
+def _pad_to_window(raw: np.ndarray, window: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """Reflect-pads axes shorter than the window (split evenly before/after); returns (array, pad_before)."""
+    pad_width = []
+    for size, length in zip(raw.shape, window):
+        total = max(0, length - size)
+        pad_width.append((total // 2, total - total // 2))
+    if any(total for pair in pad_width for total in pair):
+        raw = np.pad(raw, pad_width, mode="reflect")
+    return raw, [before for before, _ in pad_width]
+
+
+def _region_bounds(region: Sequence[slice] | None, shape: Sequence[int]) -> list[tuple[int, int]]:
+    """[(begin, end)] per axis of a region of ``shape`` (None = all); ValueError if empty or strided."""
+    if region is None:
+        return [(0, int(size)) for size in shape]
+    if len(region) != len(shape):
+        raise ValueError(f"region needs {len(shape)} slices, got {region!r}")
+    bounds = []
+    for piece, size in zip(region, shape):
+        begin, end, step = piece.indices(int(size))
+        if step != 1 or end <= begin:
+            raise ValueError(
+                f"region {region!r} must be non-empty slices with step 1 inside shape {tuple(shape)}"
+            )
+        bounds.append((begin, end))
+    return bounds
+
+
+def _to_unit_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 / 255; floats are taken as already in [0, 1]."""
+    if batch.dtype == torch.uint8:
+        return batch.float().mul_(1.0 / 255.0)
+    return batch.float()
+
+
+def predict_volume(
+    model: torch.nn.Module,
+    raw: np.ndarray,
+    *,
+    window: Sequence[int],
+    stride: Sequence[int] | None = None,
+    margin: Sequence[int] = (0, 0, 0),
+    offsets: Offsets,
+    delta_d: float,
+    norm: Literal["l1", "l2"] = "l2",
+    blending: Blending = "gaussian",
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    progress: bool = True,
+    region: Sequence[slice] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blended affinities and foreground probability of a volume (or of a region of it).
+
+    Args:
+        model: forward(x (B, 1, z, y, x) float32 in [0, 1]) -> dict(embedding=(B, E, z, y, x),
+            foreground=(B, 1, z, y, x) logits); already on ``device``. It is put in eval mode.
+        raw: (Z, Y, X) uint8 (divided by 255) or float already scaled to [0, 1].
+        window: (wz, wy, wx) window size; must suit the model's downsampling.
+        stride: step between windows; None = :func:`default_stride` (half the window unless the
+            margin and offsets need less). The last window along each axis is aligned to the end.
+        margin: voxels cropped from each window side before blending (not at the volume border).
+        offsets: C affinity offsets (dz, dy, dx).
+        delta_d, norm: embeddings -> affinities (LOSS.DELTA_D, LOSS.NORM).
+        blending: per-window weight profile: gaussian | bump | constant.
+        batch_size: windows per forward pass.
+        device: where the model runs; affinities of each window are computed there too.
+        amp: autocast (float16) on CUDA; ignored on CPU.
+        progress: show a tqdm bar over windows.
+        region: optional (z, y, x) slices (step 1) of ``raw``: outputs cover only this region (e.g.
+            the labelled part of a padded raw) while the whole raw gives context. Only windows
+            whose cropped part meets the region are predicted.
+
+    Returns:
+        affinities: float32 (C, Z', Y', X') for the region (default: the whole volume); pairs
+            leaving the region hold ``INVALID_AFFINITY``.
+        foreground: float32 (Z', Y', X') blended sigmoid of the foreground logits.
+
+    Raises:
+        ValueError: bad window / stride / margin, or a stride leaving some pairs uncovered.
+    """
+    raw = np.asarray(raw)
+    if raw.ndim != 3:
+        raise ValueError(f"raw must be (Z, Y, X), got shape {raw.shape}")
+    if raw.dtype != np.uint8 and not np.issubdtype(raw.dtype, np.floating):
+        raise ValueError(
+            f"raw must be uint8 or float in [0, 1] (see melecole.data.normalize_raw), got {raw.dtype}"
+        )
+    offsets = _check_offsets(offsets, 3)
+    window = [int(w) for w in window]
+    margin = [int(m) for m in margin]
+    if stride is None or len(stride) == 0:
+        stride = default_stride(window, margin, offsets)
+    stride = [int(s) for s in stride]
+    if len(window) != 3 or len(stride) != 3 or len(margin) != 3:
+        raise ValueError(
+            f"window, stride and margin need 3 values (z, y, x); got {window}, {stride}, {margin}"
+        )
+    for w, s, m in zip(window, stride, margin):
+        if w < 1 or not 1 <= s <= w or m < 0 or 2 * m >= w:
+            raise ValueError(
+                f"need 1 <= stride <= window and 0 <= 2 * margin < window; got window {window}, "
+                f"stride {stride}, margin {margin}"
+            )
+    device = torch.device(device)
+    bounds = _region_bounds(region, raw.shape)
+    shape = tuple(end - begin for begin, end in bounds)
+    padded, pad_before = _pad_to_window(raw, window)
+    plans = [
+        _AxisPlan(
+            "zyx"[a],
+            padded.shape[a],
+            window[a],
+            stride[a],
+            margin[a],
+            pad_before[a] + bounds[a][0],
+            shape[a],
+            [o[a] for o in offsets],
+            blending_profile(window[a], blending),
+        )
+        for a in range(3)
+    ]
+    inverse = [plan.inverse_sums() for plan in plans]  # checks coverage before any compute
+
+    affinities = np.zeros((len(offsets),) + shape, dtype=np.float32)
+    foreground = np.zeros(shape, dtype=np.float32)
+    weight_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def window_weights(axis: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (axis, lo, hi)
+        if key not in weight_cache:
+            affinity, fg = plans[axis].weights(lo, hi)
+            weight_cache[key] = (
+                torch.as_tensor(affinity[:, lo:hi], dtype=torch.float32, device=device),
+                torch.as_tensor(fg[lo:hi], dtype=torch.float32, device=device),
+            )
+        return weight_cache[key]
+
+    # Windows whose cropped part misses the output region (e.g. inside padding) add nothing.
+    useful = [[s for s in plan.starts if operator.lt(*plan.output_span(s))] for plan in plans]
+    positions = list(itertools.product(*useful))
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.float16)
+        if amp and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    model.eval()
+    bar = tqdm(total=len(positions), desc="windows", unit="win", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for first in range(0, len(positions), batch_size):
+            batch_positions = positions[first : first + batch_size]
+            crops = np.stack(
+                [
+                    padded[z : z + window[0], y : y + window[1], x : x + window[2]]
+                    for z, y, x in batch_positions
+                ]
+            )
+            inputs = _to_unit_float(torch.from_numpy(crops).to(device, non_blocking=True))[:, None]
+            with autocast:
+                output = model(inputs)
+            embedding = output["embedding"].float()
+            batch_foreground = torch.sigmoid(output["foreground"].float())[:, 0]
+            batch_affinities = _affinities_batched(embedding, offsets, float(delta_d), norm)
+            for index, start in enumerate(batch_positions):
+                _accumulate(
+                    batch_affinities[index],
+                    batch_foreground[index],
+                    start,
+                    plans,
+                    window_weights,
+                    affinities,
+                    foreground,
+                )
+            bar.update(len(batch_positions))
+    bar.close()
+    _normalise(affinities, foreground, inverse, offsets)
+    return affinities, foreground
+
+
+def _accumulate(
+    window_affinities: torch.Tensor,
+    window_foreground: torch.Tensor,
+    start: Sequence[int],
+    plans: list[_AxisPlan],
+    window_weights,
+    affinities: np.ndarray,
+    foreground: np.ndarray,
+) -> None:
+    """Adds one window's weighted, cropped (C, wz, wy, wx) affinities and (wz, wy, wx) foreground."""
+    local, target, weights = [], [], []
+    for axis, plan in enumerate(plans):
+        begin, end = plan.output_span(start[axis])
+        lo, hi = plan.crop(start[axis])
+        affinity_weight, foreground_weight = window_weights(axis, lo, hi)
+        cut = slice(begin - start[axis] - lo, end - start[axis] - lo)
+        local.append(slice(begin - start[axis], end - start[axis]))
+        target.append(slice(begin - plan.out_begin, end - plan.out_begin))
+        weights.append((affinity_weight[:, cut], foreground_weight[cut]))
+    (az, fz), (ay, fy), (ax, fx) = weights
+    affinity_weight = az[:, :, None, None] * ay[:, None, :, None] * ax[:, None, None, :]
+    foreground_weight = fz[:, None, None] * fy[None, :, None] * fx[None, None, :]
+    local, target = tuple(local), tuple(target)
+    weighted = (window_affinities[(slice(None),) + local] * affinity_weight).cpu().numpy()
+    affinities[(slice(None),) + target] += weighted
+    foreground[target] += (window_foreground[local] * foreground_weight).cpu().numpy()
+
+
+def _normalise(
+    affinities: np.ndarray,
+    foreground: np.ndarray,
+    inverse: list[tuple[np.ndarray, np.ndarray]],
+    offsets: list[tuple[int, ...]],
+) -> None:
+    """Divides the weighted sums by the (separable) weight sums in place, one z-slice at a time.
+
+    The inverse sums are 0 for pairs leaving the volume, which leaves them at INVALID_AFFINITY (0).
+    Rounding in the blend can push a value a hair outside [0, 1]; it is clipped.
+    """
+    (inverse_z, fg_z), (inverse_y, fg_y), (inverse_x, fg_x) = inverse
+    for channel in range(len(offsets)):
+        plane = np.outer(inverse_y[channel], inverse_x[channel]).astype(np.float32)
+        for z in range(affinities.shape[1]):
+            section = affinities[channel, z]
+            section *= plane * np.float32(inverse_z[channel, z])
+            np.clip(section, 0.0, 1.0, out=section)
+    plane = np.outer(fg_y, fg_x).astype(np.float32)
+    for z in range(foreground.shape[0]):
+        foreground[z] *= plane * np.float32(fg_z[z])
+        np.clip(foreground[z], 0.0, 1.0, out=foreground[z])

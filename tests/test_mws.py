@@ -1,0 +1,162 @@
+"""Mutex watershed wrapper: weight convention, exact toy segmentations, masks, ignored edges, strides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from melecole.inference.affinities import affinities_from_labels, offset_valid_mask
+from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
+
+OFFSETS = [
+    [-1, 0, 0],
+    [0, -1, 0],
+    [0, 0, -1],
+    [-2, 0, 0],
+    [0, -5, 0],
+    [0, 0, -5],
+    [0, -5, -5],
+    [0, -5, 5],
+    [-1, -5, 0],
+    [-1, 0, -5],
+    [1, -5, 0],
+    [1, 0, -5],
+]
+
+
+def _boxes() -> np.ndarray:
+    """Three boxes tiling a (6, 16, 16) volume."""
+    labels = np.zeros((6, 16, 16), dtype=np.uint32)
+    labels[:, :8, :9] = 1
+    labels[:, :8, 9:] = 2
+    labels[:, 8:, :] = 3
+    return labels
+
+
+def _same_partition(first: np.ndarray, second: np.ndarray) -> bool:
+    """Equal up to relabelling: the pairs (first, second) form a bijection."""
+    pairs = np.unique(np.stack([first.ravel(), second.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def test_attractive_channels_are_the_leading_nearest_neighbours() -> None:
+    assert number_of_attractive_channels(OFFSETS) == 3
+    with pytest.raises(ValueError, match="nearest-neighbour"):
+        number_of_attractive_channels([[-2, 0, 0], [-1, 0, 0]])
+    with pytest.raises(ValueError, match="nearest-neighbour"):
+        number_of_attractive_channels([[-1, 0, 0], [0, -5, 0], [0, 0, -1]])
+
+
+def test_weight_convention_higher_first_for_both_kinds() -> None:
+    """A line of 4 voxels, attractive a = 0.9 between neighbours, one mutex pair (0, 3).
+
+    Mutex weight 1 - a: a = 0.05 (weight 0.95 > 0.9) blocks the last merge; a = 0.5 (weight 0.5)
+    comes after all merges and changes nothing.
+    """
+    offsets = [[0, 0, -1], [0, 0, -3]]
+    affinities = np.zeros((2, 1, 1, 4), dtype=np.float32)
+    affinities[0, 0, 0, 1:] = 0.9
+    affinities[1, 0, 0, 3] = 0.05
+    labels = mutex_watershed(affinities, offsets).ravel()
+    assert labels[0] != labels[3] and len(np.unique(labels)) == 2
+    affinities[1, 0, 0, 3] = 0.5
+    assert len(np.unique(mutex_watershed(affinities, offsets))) == 1
+    # A weak attractive edge (0.3 < mutex weight 0.5) is processed after the mutex: split there.
+    affinities[0, 0, 0, 2] = 0.3
+    labels = mutex_watershed(affinities, offsets).ravel()
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+
+
+def test_ideal_affinities_recover_the_boxes_exactly() -> None:
+    labels = _boxes()
+    segmentation = mutex_watershed(affinities_from_labels(labels, OFFSETS), OFFSETS)
+    assert segmentation.dtype == np.uint64 and segmentation.shape == labels.shape
+    assert _same_partition(segmentation, labels)
+    assert len(np.unique(segmentation)) == 3 and segmentation.min() == 1
+
+
+def test_noisy_affinities_still_recover_the_boxes() -> None:
+    labels = _boxes()
+    rng = np.random.default_rng(0)
+    affinities = affinities_from_labels(labels, OFFSETS)
+    affinities = np.clip(affinities + rng.uniform(-0.3, 0.3, affinities.shape), 0, 1).astype(np.float32)
+    assert _same_partition(mutex_watershed(affinities, OFFSETS), labels)
+
+
+def test_edges_leaving_the_volume_are_ignored() -> None:
+    labels = _boxes()
+    affinities = affinities_from_labels(labels, OFFSETS)
+    reference = mutex_watershed(affinities, OFFSETS)
+    invalid = ~offset_valid_mask(labels.shape, OFFSETS)
+    for fill in (0.0, 1.0):  # both extremes: strongest mutex or strongest attraction, were they edges
+        affinities[invalid] = fill
+        assert np.array_equal(mutex_watershed(affinities, OFFSETS), reference)
+    rng = np.random.default_rng(1)
+    affinities[invalid] = rng.random(int(invalid.sum()))
+    assert np.array_equal(mutex_watershed(affinities, OFFSETS), reference)
+
+
+def test_background_mask_gives_zeros() -> None:
+    labels = _boxes()
+    labels[:, :, 4:6] = 0  # a boundary band
+    foreground = (labels > 0).astype(np.float32) * 0.9 + 0.05
+    segmentation = mutex_watershed(
+        affinities_from_labels(labels, OFFSETS), OFFSETS, foreground=foreground, background_threshold=0.5
+    )
+    assert np.all(segmentation[labels == 0] == 0)
+    assert np.all(segmentation[labels > 0] > 0)
+    # The band cuts box 1 and box 3 in two: 5 objects, each one id.
+    assert _same_partition(segmentation[labels > 0], _components(labels)[labels > 0])
+    # Threshold 0 masks nothing: the band becomes objects too.
+    unmasked = mutex_watershed(
+        affinities_from_labels(labels, OFFSETS), OFFSETS, foreground=foreground, background_threshold=0.0
+    )
+    assert np.all(unmasked > 0)
+
+
+def _components(labels: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    out = np.zeros(labels.shape, dtype=np.int64)
+    next_id = 1
+    for value in np.unique(labels[labels > 0]):
+        pieces, count = ndimage.label(labels == value)
+        out[pieces > 0] = pieces[pieces > 0] + next_id - 1
+        next_id += count
+    return out
+
+
+@pytest.mark.parametrize("randomized", [False, True])
+def test_strides_run_and_keep_ideal_results(randomized: bool) -> None:
+    labels = _boxes()
+    segmentation = mutex_watershed(
+        affinities_from_labels(labels, OFFSETS), OFFSETS, strides=[1, 2, 2], randomized=randomized
+    )
+    assert segmentation.shape == labels.shape
+    assert _same_partition(segmentation, labels)
+
+
+def test_weights_in_place_and_precomputed_and_float16_agree() -> None:
+    labels = _boxes()
+    rng = np.random.default_rng(2)
+    affinities = np.clip(
+        affinities_from_labels(labels, OFFSETS) + rng.normal(0, 0.2, (12,) + labels.shape), 0, 1
+    )
+    affinities = affinities.astype(np.float16).astype(np.float32)
+    reference = mutex_watershed(affinities, OFFSETS)
+    weights = mws_weights(affinities, 3)
+    assert weights is not affinities
+    np.testing.assert_array_equal(weights[:3], affinities[:3])
+    np.testing.assert_allclose(weights[3:], 1 - affinities[3:])
+    assert np.array_equal(mutex_watershed(weights, OFFSETS, weights_ready=True), reference)
+    assert np.array_equal(mutex_watershed(affinities.astype(np.float16), OFFSETS), reference)
+    copy = affinities.copy()
+    assert np.array_equal(mutex_watershed(copy, OFFSETS, in_place=True), reference)
+    np.testing.assert_allclose(copy[3:], 1 - affinities[3:])  # documented: overwritten
+
+
+def test_shape_errors() -> None:
+    with pytest.raises(ValueError, match="len\\(offsets\\)"):
+        mutex_watershed(np.zeros((2, 2, 2, 2), np.float32), OFFSETS)
+    with pytest.raises(ValueError, match="foreground shape"):
+        mutex_watershed(np.zeros((12, 2, 2, 2), np.float32), OFFSETS, foreground=np.zeros((2, 2)))
