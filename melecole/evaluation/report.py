@@ -1,0 +1,270 @@
+"""File-level evaluation behind ``variation_of_information.py``: HDF5 input, text table, JSON, histogram."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from melecole.errors import DataError
+from melecole.evaluation.contingency import ContingencyTable
+from melecole.evaluation.metrics import Offender, SegmentationScores, build_table, scores_from_table
+from melecole.evaluation.volumes import align_to_gt, connected_components_baseline, foreground_probability
+from melecole.utils.io import atomic_path, atomic_write_text
+
+DEFAULT_GT_KEY = "labels"
+DEFAULT_SEGMENTATION_KEY = "segmentation"
+DEFAULT_MEMBRANES_KEY = "membranes"
+
+
+def _dataset_names(handle: h5py.File) -> list[str]:
+    names: list[str] = []
+    handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+    return names
+
+
+def read_hdf5_volume(
+    path: str | os.PathLike, key: str | None, *, default_key: str, role: str
+) -> tuple[np.ndarray, str]:
+    """Reads one dataset; ``key=None`` means ``default_key``, or the file's only dataset if that is absent.
+
+    Returns:
+        ``(array, key actually read)``.
+
+    Raises:
+        DataError: the file is missing or not HDF5, or the key is absent (the message lists the keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{role} file not found: {path}")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise DataError(f"{role} file {path} is not a readable HDF5 file ({error})") from error
+    with handle:
+        names = _dataset_names(handle)
+        wanted = default_key if key is None else key
+        if wanted in handle and isinstance(handle[wanted], h5py.Dataset):
+            return handle[wanted][()], wanted
+        if key is None and len(names) == 1:
+            return handle[names[0]][()], names[0]
+        option = f"--{role.replace(' ', '-')}-key" if role != "ground truth" else "--gt-key"
+        raise DataError(
+            f"{role} file {path} has no dataset '{wanted}' (datasets present: "
+            f"{', '.join(names) if names else 'none'}); choose one with {option}"
+        )
+
+
+def plot_cell_sizes(
+    path: str | os.PathLike, segmentation_sizes: np.ndarray, gt_sizes: np.ndarray, *, title: str = ""
+) -> Path:
+    """Writes a PNG histogram of object sizes (voxels, log scale), predicted vs GT, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    largest = max([1, *(int(s.max()) for s in (segmentation_sizes, gt_sizes) if s.size)])
+    bins = np.logspace(0, math.log10(largest) + 0.01, 50)
+    for sizes, label in (
+        (gt_sizes, f"ground truth ({gt_sizes.size})"),
+        (segmentation_sizes, f"prediction ({segmentation_sizes.size})"),
+    ):
+        if sizes.size:
+            axes.hist(sizes, bins=bins, histtype="step", linewidth=1.5, label=label)
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_ylim(bottom=0.5)  # a single object stays visible on the log axis
+    axes.set_xlabel("object size (voxels on labelled ground truth)")
+    axes.set_ylabel("objects")
+    axes.set_title(title or "cell sizes")
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    return path
+
+
+@dataclass
+class EvaluatedVolume:
+    """Scores and table of one evaluated segmentation (the prediction or the baseline)."""
+
+    name: str
+    scores: SegmentationScores
+    table: ContingencyTable
+
+
+@dataclass
+class EvaluationReport:
+    """Everything the CLI prints and writes."""
+
+    results: list[EvaluatedVolume]
+    inputs: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "notes": self.notes,
+            "results": {result.name: result.scores.to_dict() for result in self.results},
+        }
+
+
+def _offender_lines(offenders: list[Offender], *, merge: bool) -> list[str]:
+    own, partner = ("seg id", "GT") if merge else ("GT id", "seg")
+    lines = [
+        f"  {own:>12} {'voxels':>11} {'#' + partner:>6} {'VI ' + ('merge' if merge else 'split'):>9}"
+        f"  largest {partner} overlaps (id: voxels)"
+    ]
+    for offender in offenders:
+        partners = ", ".join(f"{pid}: {count}" for pid, count in offender.largest_partners)
+        lines.append(
+            f"  {offender.label:>12} {offender.size:>11} {offender.n_partners:>6} "
+            f"{offender.vi_contribution:>9.4f}  {partners}"
+        )
+    if not offenders:
+        lines.append("  (none)")
+    return lines
+
+
+def format_report(report: EvaluationReport) -> str:
+    """The table printed by the CLI."""
+    unit = report.results[0].scores.unit
+    lines = [f"{role}: {text}" for role, text in report.inputs.get("described", {}).items()]
+    lines += report.notes
+    header = (
+        f"{'':<26}{'VI split':>9}{'VI merge':>10}{'VI total':>10}{'ARAND':>9}{'precision':>11}"
+        f"{'recall':>9}{'#GT':>8}{'#seg':>9}"
+    )
+    lines += ["", header]
+    for result in report.results:
+        s = result.scores
+        lines.append(
+            f"{result.name:<26}{s.vi_split:>9.4f}{s.vi_merge:>10.4f}{s.vi_total:>10.4f}{s.arand:>9.4f}"
+            f"{s.rand_precision:>11.4f}{s.rand_recall:>9.4f}{s.n_gt:>8}{s.n_seg:>9}"
+        )
+    first = report.results[0].scores
+    convention = (
+        "original MeLeCoLe convention: natural log, voxels 0 in either volume ignored"
+        if first.compat_original
+        else "GT label 0 ignored, predicted 0 is an ordinary segment"
+    )
+    lines.append(f"VI in {unit}; {convention}; {first.n_voxels} voxels evaluated")
+    main = report.results[0]
+    lines += ["", f"top merge offenders of {main.name} (predicted ids overlapping several GT objects):"]
+    lines += _offender_lines(main.scores.merge_offenders, merge=True)
+    lines += ["", f"top split offenders of {main.name} (GT ids split over several predicted segments):"]
+    lines += _offender_lines(main.scores.split_offenders, merge=False)
+    return "\n".join(lines)
+
+
+def _describe(path: Path, key: str, array: np.ndarray) -> str:
+    return f"{path} [{key}] shape {array.shape} {array.dtype}"
+
+
+def evaluate_files(
+    gt_path: str | os.PathLike,
+    segmentation_path: str | os.PathLike,
+    *,
+    membranes_path: str | os.PathLike | None = None,
+    gt_key: str | None = None,
+    segmentation_key: str | None = None,
+    membranes_key: str | None = None,
+    threshold: float = 0.5,
+    log_base: float = 2.0,
+    compat_original: bool = False,
+    top_k: int = 10,
+    histogram_path: str | os.PathLike | None = None,
+) -> EvaluationReport:
+    """Evaluates a segmentation file (and optionally the CC baseline of a foreground file) against GT.
+
+    Writes the cell-size histogram to ``histogram_path`` (default ``<seg stem>_cell_sizes.png``
+    beside the segmentation). Shapes are aligned with :func:`align_to_gt` (padding is cropped).
+    """
+    gt_path, segmentation_path = Path(gt_path), Path(segmentation_path)
+    if compat_original:
+        log_base = math.e
+    gt, gt_key_used = read_hdf5_volume(gt_path, gt_key, default_key=DEFAULT_GT_KEY, role="ground truth")
+    segmentation, segmentation_key_used = read_hdf5_volume(
+        segmentation_path, segmentation_key, default_key=DEFAULT_SEGMENTATION_KEY, role="segmentation"
+    )
+    described = {
+        "ground truth": _describe(gt_path, gt_key_used, gt),
+        "segmentation": _describe(segmentation_path, segmentation_key_used, segmentation),
+    }
+    notes: list[str] = []
+    if not np.issubdtype(gt.dtype, np.integer):
+        raise DataError(f"ground truth {gt_path} [{gt_key_used}] must hold integer labels, got {gt.dtype}")
+    if not np.issubdtype(segmentation.dtype, np.integer):
+        raise DataError(
+            f"segmentation {segmentation_path} [{segmentation_key_used}] must hold integer labels, "
+            f"got {segmentation.dtype}"
+        )
+    segmentation, gt_for_segmentation, alignment = align_to_gt(
+        segmentation, gt, volume_name=f"segmentation {segmentation_path}", gt_name=f"ground truth {gt_path}"
+    )
+    if alignment.changed:
+        notes.append("alignment: " + alignment.describe("segmentation", "ground truth"))
+    inputs: dict[str, Any] = {
+        "gt": str(gt_path),
+        "gt_key": gt_key_used,
+        "segmentation": str(segmentation_path),
+        "segmentation_key": segmentation_key_used,
+        "segmentation_crop_per_side": list(alignment.volume_crop),
+        "gt_crop_per_side": list(alignment.gt_crop),
+        "log_base": log_base,
+        "compat_original": compat_original,
+        "described": described,
+    }
+
+    results = []
+    table = build_table(segmentation, gt_for_segmentation, compat_original=compat_original)
+    scores = scores_from_table(table, log_base=log_base, top_k=top_k, compat_original=compat_original)
+    results.append(EvaluatedVolume("segmentation", scores, table))
+
+    if membranes_path is not None:
+        membranes_path = Path(membranes_path)
+        membranes, membranes_key_used = read_hdf5_volume(
+            membranes_path, membranes_key, default_key=DEFAULT_MEMBRANES_KEY, role="membranes"
+        )
+        described["membranes"] = _describe(membranes_path, membranes_key_used, membranes)
+        probability = foreground_probability(
+            membranes, name=f"membranes {membranes_path} [{membranes_key_used}]"
+        )
+        probability, gt_for_baseline, baseline_alignment = align_to_gt(
+            probability, gt, volume_name=f"membranes {membranes_path}", gt_name=f"ground truth {gt_path}"
+        )
+        if baseline_alignment.changed:
+            notes.append("alignment: " + baseline_alignment.describe("membranes", "ground truth"))
+        baseline = connected_components_baseline(probability, threshold)
+        baseline_table = build_table(baseline, gt_for_baseline, compat_original=compat_original)
+        baseline_scores = scores_from_table(
+            baseline_table, log_base=log_base, top_k=top_k, compat_original=compat_original
+        )
+        results.append(EvaluatedVolume(f"CC baseline (p > {threshold:g})", baseline_scores, baseline_table))
+        inputs.update(membranes=str(membranes_path), membranes_key=membranes_key_used, threshold=threshold)
+
+    if histogram_path is None:
+        histogram_path = segmentation_path.with_name(f"{segmentation_path.stem}_cell_sizes.png")
+    plot_cell_sizes(
+        histogram_path,
+        table.segmentation_sizes,
+        table.gt_sizes,
+        title=f"cell sizes: {segmentation_path.name}",
+    )
+    notes.append(f"cell-size histogram: {histogram_path}")
+    inputs["histogram"] = str(histogram_path)
+    return EvaluationReport(results=results, inputs=inputs, notes=notes)
+
+
+def write_json(report: EvaluationReport, path: str | os.PathLike) -> None:
+    """All numbers of the report as JSON, written atomically."""
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
