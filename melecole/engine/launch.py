@@ -24,7 +24,7 @@ def build_train_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def train_from_args(args: argparse.Namespace) -> "Trainer":  # noqa: F821
+def train_from_args(args: argparse.Namespace) -> Trainer:  # noqa: F821
     """Config from the arguments, then one Trainer run. Returns the trainer (for tests)."""
     from melecole.engine.trainer import Trainer, resume_config
     from melecole.errors import ConfigError

@@ -33,7 +33,7 @@ from melecole.errors import CheckpointError
 from melecole.utils import comm
 from melecole.utils.device import resolve_device
 from melecole.utils.io import atomic_write_text
-from melecole.utils.logger import get_logger, setup_logging
+from melecole.utils.logger import setup_logging
 
 __all__ = ["Trainer", "make_run_dir", "seed_everything", "get_rng_state", "set_rng_state", "resume_config"]
 
