@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -333,3 +334,20 @@ def test_two_process_gloo_run_keeps_queue_and_momentum_encoder_in_sync(tmp_path)
     assert int(states[0]["queue_ptr"]) == (3 * 2 * 2 * 8) % 40
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_label_efficiency_bench_runs_end_to_end(tmp_path, repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_moco", repo_root / "bench" / "bench_moco_label_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([
+        "--out", str(tmp_path / "bench"), "--seeds", "0", "--iterations", "2", "--threads", "1",
+        "--labelled-shape", "16", "64", "64", "--volume-shape", "16", "64", "64", "--unlabelled", "1",
+        "MODEL.FILTERS", "[4, 8, 16]", "MODEL.NORM_GROUPS", "2", "MOCO.NUM_SAMPLES", "16", "MOCO.QUEUE_SIZE", "64",
+    ]) == 0
+    records = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {r["arm"] for r in records} == {"supervised", "pretrain+finetune", "joint"}
+    assert all(math.isfinite(r["vi_total"]) and 0.0 <= r["arand"] <= 1.0 for r in records)
