@@ -237,13 +237,18 @@ def launch(function: WorkerFunction, argument: Any, world_size: int, backend: st
 
 
 def _first_failure(error: ProcessException, error_dir: Path) -> RankFailure:
-    """The earliest recorded failure (a rank that died first may make its peers fail too)."""
-    records = [json.loads(path.read_text()) for path in sorted(error_dir.glob("rank*.json"))]
-    if records:
-        first = min(records, key=lambda record: record["time"])
-        return RankFailure(first["rank"], first["exit_code"], first["message"].rstrip(), first["user_error"])
-    exit_code = int(getattr(error, "exit_code", 1) or 1)
+    """The root cause: a rank that dies first often makes its peers fail too.
+
+    The earliest recorded error wins, unless the rank ``join`` saw fail left no record because a
+    signal killed it (segfault, out of memory): then the peers' errors are its consequences.
+    """
+    records = {record["rank"]: record for record in
+               (json.loads(path.read_text()) for path in error_dir.glob("rank*.json"))}
+    exit_code = int(getattr(error, "exit_code", None) or 1)
     signal_name = getattr(error, "signal_name", None)
+    if records and (error.error_index in records or not signal_name):
+        first = min(records.values(), key=lambda record: record["time"])
+        return RankFailure(first["rank"], first["exit_code"], first["message"].rstrip(), first["user_error"])
     how = f"killed by signal {signal_name}" if signal_name else f"exit code {exit_code}, no error recorded"
     return RankFailure(error.error_index, exit_code, how)
 
