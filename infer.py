@@ -11,26 +11,20 @@ foreground are reused when their fingerprint (checkpoint, config, input) matches
 from __future__ import annotations
 
 import argparse
-import logging
 
 from melecole.config import load_cfg
 from melecole.inference.pipeline import run_inference
 from melecole.utils.cli import add_config_arguments, run_cli
+from melecole.utils.logger import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", help="infer every volume in <DATASET.DATA_ROOT>/<split>/")
     parser.add_argument("--input", help="one HDF5 volume instead (--split then only names the outputs)")
     parser.add_argument("--raw-key", help="raw dataset in --input (default: DATASET.RAW_KEY)")
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint file, or a run folder (checkpoints/last.pt)"
-    )
-    parser.add_argument(
-        "--output-dir", help="run folder for results/<checkpoint stem>/ (default: the checkpoint's)"
-    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (checkpoints/last.pt)")
+    parser.add_argument("--output-dir", help="run folder for results/<checkpoint stem>/ (default: the checkpoint's)")
     parser.add_argument(
         "--thresholds",
         type=float,
@@ -40,9 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(INFERENCE.MWS_BACKGROUND gives 'segmentation')",
     )
     parser.add_argument("--overwrite", action="store_true", help="recompute even if cached results match")
-    parser.add_argument(
-        "--no-eval", action="store_true", help="skip the VI/ARAND summary for labelled volumes"
-    )
+    parser.add_argument("--no-eval", action="store_true", help="skip the VI/ARAND summary for labelled volumes")
     add_config_arguments(parser)
     return parser
 
@@ -53,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.split is None and args.input is None:
         parser.error("give --split or --input")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     cfg = load_cfg(args.config, args.opts)
     results = run_inference(
         cfg,
@@ -73,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in (result.affinities, result.membranes, result.segmentation):
             print(f"  {path}")
         for key, score in result.scores.items():
-            print(
-                f"  {key}: VI split {score['vi_split']:.4f} merge {score['vi_merge']:.4f} "
-                f"ARAND {score['arand']:.4f}"
-            )
+            print(f"  {key}: VI split {score['vi_split']:.4f} merge {score['vi_merge']:.4f} ARAND {score['arand']:.4f}")
     return 0
 
 

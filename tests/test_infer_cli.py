@@ -57,9 +57,7 @@ def setup(tmp_path: Path) -> dict:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "infer.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "infer.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_outputs_cache_and_thresholds(setup: dict, capsys: pytest.CaptureFixture) -> None:
@@ -152,9 +150,7 @@ def test_input_file_raw_key_and_output_dir(setup: dict) -> None:
         output_dir=setup["tmp"] / "elsewhere",
         progress=False,
     )
-    assert (
-        results[0].segmentation == setup["tmp"] / "elsewhere" / "results" / "last" / "single_segmentation.hdf"
-    )
+    assert results[0].segmentation == setup["tmp"] / "elsewhere" / "results" / "last" / "single_segmentation.hdf"
     with h5py.File(results[0].segmentation) as handle:
         assert handle["segmentation"].shape == (14, 40, 36)
     assert results[0].scores == {}
@@ -220,9 +216,7 @@ def test_resolve_windows(setup: dict) -> None:
 @pytest.mark.slow
 def test_cli_errors_are_one_line_with_exit_code_2(setup: dict, repo_root: Path) -> None:
     config, checkpoint = str(setup["config"]), str(setup["checkpoint"])
-    missing = _cli(
-        "--split", "val", "--config", config, "--checkpoint", str(setup["tmp"] / "nope.pt"), cwd=repo_root
-    )
+    missing = _cli("--split", "val", "--config", config, "--checkpoint", str(setup["tmp"] / "nope.pt"), cwd=repo_root)
     mismatch = _cli(
         "--split",
         "val",

@@ -139,9 +139,7 @@ def test_strides_run_and_keep_ideal_results(randomized: bool) -> None:
 def test_weights_in_place_and_precomputed_and_float16_agree() -> None:
     labels = _boxes()
     rng = np.random.default_rng(2)
-    affinities = np.clip(
-        affinities_from_labels(labels, OFFSETS) + rng.normal(0, 0.2, (12,) + labels.shape), 0, 1
-    )
+    affinities = np.clip(affinities_from_labels(labels, OFFSETS) + rng.normal(0, 0.2, (12,) + labels.shape), 0, 1)
     affinities = affinities.astype(np.float16).astype(np.float32)
     reference = mutex_watershed(affinities, OFFSETS)
     weights = mws_weights(affinities, 3)

@@ -139,9 +139,7 @@ def test_float_input_and_real_unet() -> None:
     from melecole.config import load_cfg
     from melecole.models import build_model
 
-    cfg = load_cfg(
-        None, ["MODEL.FILTERS", "[8, 16]", "MODEL.POOL_Z", "[False]", "MODEL.EMBEDDING_DIMENSION", "4"]
-    )
+    cfg = load_cfg(None, ["MODEL.FILTERS", "[8, 16]", "MODEL.POOL_Z", "[False]", "MODEL.EMBEDDING_DIMENSION", "4"])
     model = build_model(cfg)
     raw = np.random.default_rng(4).random((6, 20, 24)).astype(np.float32)
     affinities, foreground = predict_volume(
@@ -191,6 +189,4 @@ def test_uncovered_pairs_and_bad_geometry_raise() -> None:
             progress=False,
         )
     with pytest.raises(ValueError, match="uint8 or float"):
-        predict_volume(
-            model, raw.astype(np.int32), window=(4, 16, 16), offsets=OFFSETS, delta_d=1.0, progress=False
-        )
+        predict_volume(model, raw.astype(np.int32), window=(4, 16, 16), offsets=OFFSETS, delta_d=1.0, progress=False)

@@ -32,13 +32,8 @@ Offsets = Sequence[Sequence[int]]
 Norm = Literal["l1", "l2"]
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-# Chunk the numpy path along z so the (E, chunk) difference temporary stays around this many elements.
-_CHUNK_ELEMENTS = 1 << 24
 
-
-def offset_slices(
-    shape: Sequence[int], offset: Sequence[int]
-) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+def offset_slices(shape: Sequence[int], offset: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
     """Slices ``(source, target)`` selecting every valid pair ``(p, p + offset)`` of a grid.
 
     ``array[source]`` are the voxels p whose partner ``p + offset`` is inside, ``array[target]``
@@ -72,65 +67,55 @@ def _check_offsets(offsets: Offsets, ndim: int) -> list[tuple[int, ...]]:
     return checked
 
 
-def _distance_to_affinity(distance: torch.Tensor, delta_d: float) -> torch.Tensor:
-    return torch.clamp(1.0 - distance / (2.0 * delta_d), min=0.0).square_()
+def _pair_affinity_into(
+    out: torch.Tensor, first: torch.Tensor, second: torch.Tensor, delta_d: float, norm: Norm
+) -> None:
+    """Writes the affinities of element-wise pairs of (E, ...) embedding views into ``out`` (...).
 
-
-def _pair_distance(first: torch.Tensor, second: torch.Tensor, norm: Norm, dim: int) -> torch.Tensor:
-    difference = first - second
+    One embedding channel at a time, accumulated in place in ``out``: the only temporary is one
+    (...) difference, several times faster on CPU than reducing an (E, ...) difference.
+    """
+    out.zero_()
+    # One reused buffer: fresh temporaries per channel fragment the CPU heap (RSS grows ~1x out).
+    difference = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    for channel in range(first.shape[0]):
+        torch.sub(first[channel], second[channel], out=difference)
+        out.add_(difference.square_() if norm == "l2" else difference.abs_())
     if norm == "l2":
-        return torch.linalg.vector_norm(difference, ord=2, dim=dim)
-    return difference.abs_().sum(dim=dim)
+        out.sqrt_()
+    out.mul_(-1.0 / (2.0 * delta_d)).add_(1.0).clamp_(min=0.0).square_()
 
 
+def _affinities(embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm) -> torch.Tensor:
+    """(E, Z, Y, X) -> (C, Z, Y, X) or (B, E, Z, Y, X) -> (B, C, Z, Y, X), float32 on the same device."""
+    batched = embedding.ndim == 5
+    if batched:  # E first so that channel indexing selects whole (B, Z, Y, X) blocks
+        embedding = embedding.transpose(0, 1)
+    dims, *leading_and_shape = embedding.shape
+    shape = leading_and_shape[-3:]
+    lead = (slice(None),) * (len(leading_and_shape) - 3)
+    out_shape = (leading_and_shape[0], len(offsets), *shape) if batched else (len(offsets), *shape)
+    out = torch.full(out_shape, INVALID_AFFINITY, dtype=torch.float32, device=embedding.device)
+    for channel, offset in enumerate(offsets):
+        slices = offset_slices(shape, offset)
+        if slices is None:
+            continue
+        source, target = slices
+        first = embedding[(slice(None),) + lead + source]
+        second = embedding[(slice(None),) + lead + target]
+        _pair_affinity_into(out[lead + (channel,) + source], first, second, delta_d, norm)
+    return out
+
+
+# Kept for callers that hold a batch of window embeddings.
 def _affinities_batched(
     embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm
 ) -> torch.Tensor:
-    """(B, E, Z, Y, X) -> (B, C, Z, Y, X) float32 on the embedding's device, one vectorised op per channel."""
-    embedding = embedding.float()
-    batch, _, *shape = embedding.shape
-    out = torch.full(
-        (batch, len(offsets), *shape), INVALID_AFFINITY, dtype=torch.float32, device=embedding.device
-    )
-    for channel, offset in enumerate(offsets):
-        slices = offset_slices(shape, offset)
-        if slices is None:
-            continue
-        source, target = slices
-        everything = (slice(None), slice(None))
-        distance = _pair_distance(embedding[everything + source], embedding[everything + target], norm, dim=1)
-        out[(slice(None), channel) + source] = _distance_to_affinity(distance, delta_d)
-    return out
+    """(B, E, Z, Y, X) -> (B, C, Z, Y, X) float32 on the embedding's device."""
+    return _affinities(embedding, offsets, delta_d, norm)
 
 
-def _affinities_chunked(
-    embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm
-) -> torch.Tensor:
-    """(E, Z, Y, X) -> (C, Z, Y, X), in z chunks so temporaries stay small for whole volumes."""
-    embedding = embedding.float()
-    dims, *shape = embedding.shape
-    out = torch.full((len(offsets), *shape), INVALID_AFFINITY, dtype=torch.float32, device=embedding.device)
-    plane = max(1, dims * shape[1] * shape[2])
-    chunk = max(1, _CHUNK_ELEMENTS // plane)
-    for channel, offset in enumerate(offsets):
-        slices = offset_slices(shape, offset)
-        if slices is None:
-            continue
-        source, target = slices
-        dz = offset[0]
-        for z0 in range(source[0].start, source[0].stop, chunk):
-            z1 = min(z0 + chunk, source[0].stop)
-            first = embedding[(slice(None), slice(z0, z1)) + source[1:]]
-            second = embedding[(slice(None), slice(z0 + dz, z1 + dz)) + target[1:]]
-            out[(channel, slice(z0, z1)) + source[1:]] = _distance_to_affinity(
-                _pair_distance(first, second, norm, dim=0), delta_d
-            )
-    return out
-
-
-def embeddings_to_affinities(
-    embedding: ArrayLike, offsets: Offsets, delta_d: float, norm: Norm = "l2"
-) -> ArrayLike:
+def embeddings_to_affinities(embedding: ArrayLike, offsets: Offsets, delta_d: float, norm: Norm = "l2") -> ArrayLike:
     """Affinities from embeddings: ``a = max(0, 1 - ||e_p - e_{p+o}|| / (2 delta_d))^2``.
 
     Args:
@@ -151,21 +136,14 @@ def embeddings_to_affinities(
     is_numpy = isinstance(embedding, np.ndarray)
     tensor = torch.from_numpy(np.ascontiguousarray(embedding)) if is_numpy else embedding
     if tensor.ndim not in (4, 5):
-        raise ValueError(
-            f"embedding must be (E, Z, Y, X) or (B, E, Z, Y, X), got shape {tuple(tensor.shape)}"
-        )
+        raise ValueError(f"embedding must be (E, Z, Y, X) or (B, E, Z, Y, X), got shape {tuple(tensor.shape)}")
     checked = _check_offsets(offsets, 3)
     with torch.no_grad():
-        if tensor.ndim == 5:
-            result = _affinities_batched(tensor, checked, float(delta_d), norm)
-        else:
-            result = _affinities_chunked(tensor, checked, float(delta_d), norm)
+        result = _affinities(tensor, checked, float(delta_d), norm)
     return result.numpy() if is_numpy else result
 
 
-def affinities_from_labels(
-    labels: np.ndarray, offsets: Offsets, ignore_background: bool = False
-) -> np.ndarray:
+def affinities_from_labels(labels: np.ndarray, offsets: Offsets, ignore_background: bool = False) -> np.ndarray:
     """Ideal affinities from a label volume (tests, benchmarks).
 
     Args:

@@ -98,8 +98,7 @@ def mutex_watershed(
     affinities = np.asarray(affinities)
     if affinities.ndim != 4 or affinities.shape[0] != len(offsets):
         raise ValueError(
-            f"affinities must be (C, Z, Y, X) with C = len(offsets) = {len(offsets)}, "
-            f"got shape {affinities.shape}"
+            f"affinities must be (C, Z, Y, X) with C = len(offsets) = {len(offsets)}, got shape {affinities.shape}"
         )
     num_attractive = number_of_attractive_channels(offsets)
     if weights_ready:
@@ -113,16 +112,12 @@ def mutex_watershed(
     if foreground is not None:
         foreground = np.asarray(foreground)
         if foreground.shape != affinities.shape[1:]:
-            raise ValueError(
-                f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}"
-            )
+            raise ValueError(f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}")
         mask = foreground >= background_threshold
         if mask.all():
             mask = None  # nothing masked: skip the engine's per-channel mask pass
     # All-ones strides keep every edge; passing None skips the engine's stride pass.
-    stride_list = (
-        [int(s) for s in strides] if strides is not None and any(int(s) != 1 for s in strides) else None
-    )
+    stride_list = [int(s) for s in strides] if strides is not None and any(int(s) != 1 for s in strides) else None
     labels = engine(
         weights,
         [[int(v) for v in offset] for offset in offsets],

@@ -108,8 +108,7 @@ def resolve_windows(cfg: CN) -> tuple[list[int], list[int], list[int]]:
             "INFERENCE.STRIDE/INFERENCE.MARGIN: every affinity pair must lie inside one cropped window, "
             "so stride <= window - 2 * margin - max |offset| per axis; "
             + "; ".join(
-                f"{'zyx'[a]}: stride {stride[a]}, window {window[a]}, margin {margin[a]}, "
-                f"max offset {reach[a]}"
+                f"{'zyx'[a]}: stride {stride[a]}, window {window[a]}, margin {margin[a]}, max offset {reach[a]}"
                 for a in bad
             )
         )
@@ -160,8 +159,7 @@ def _fingerprint(
             "region": [[s.start, s.stop] for s in region],
         },
         "model": {
-            key: (list(value) if isinstance(value, (list, tuple)) else value)
-            for key, value in cfg.MODEL.items()
+            key: (list(value) if isinstance(value, (list, tuple)) else value) for key, value in cfg.MODEL.items()
         },
         "inference": {
             "offsets": [list(o) for o in cfg.INFERENCE.OFFSETS],
@@ -186,9 +184,7 @@ def write_hdf(path: str | os.PathLike, datasets: dict[str, tuple[np.ndarray, dic
                 handle.attrs[key] = value
             for key, (array, dataset_attrs) in datasets.items():
                 array = np.asarray(array)
-                chunks = tuple(
-                    min(s, c) for s, c in zip(array.shape, (1,) * (array.ndim - 3) + (16, 128, 128))
-                )
+                chunks = tuple(min(s, c) for s, c in zip(array.shape, (1,) * (array.ndim - 3) + (16, 128, 128)))
                 dataset = handle.create_dataset(
                     key, data=array, compression="gzip", compression_opts=4, shuffle=True, chunks=chunks
                 )
@@ -242,9 +238,7 @@ def _read_input(path: Path, cfg: CN, raw_key: str):
             has_labels = label_key in handle
     except OSError:
         has_labels = False  # read_volume reports the unreadable file
-    return read_volume(
-        path, raw_key=raw_key, label_key=label_key if has_labels else None, padding=cfg.DATASET.PADDING
-    )
+    return read_volume(path, raw_key=raw_key, label_key=label_key if has_labels else None, padding=cfg.DATASET.PADDING)
 
 
 def _predict(
@@ -279,11 +273,10 @@ def _predict(
 
 
 def _segment(
-    affinities: np.ndarray, foreground: np.ndarray, cfg: CN, thresholds: Sequence[float]
+    weights: np.ndarray, foreground: np.ndarray, cfg: CN, thresholds: Sequence[float]
 ) -> dict[str, tuple[np.ndarray, dict]]:
-    """One MWS per threshold, sharing one conversion to edge weights."""
+    """One MWS per threshold on shared edge weights (:func:`mws_weights` of the affinities)."""
     offsets = cfg.INFERENCE.OFFSETS
-    weights = mws_weights(affinities, number_of_attractive_channels(offsets))
     wanted: dict[str, float] = {segmentation_key(None): cfg.INFERENCE.MWS_BACKGROUND}
     wanted.update({segmentation_key(t): float(t) for t in thresholds})
     done: dict[float, np.ndarray] = {}
@@ -312,9 +305,7 @@ def _segment(
     return datasets
 
 
-def _evaluate(
-    datasets: dict[str, tuple[np.ndarray, dict]], labels: np.ndarray
-) -> dict[str, dict[str, float]]:
+def _evaluate(datasets: dict[str, tuple[np.ndarray, dict]], labels: np.ndarray) -> dict[str, dict[str, float]]:
     """VI split/merge (bits) and adapted Rand error per segmentation; {} without melecole.evaluation."""
     try:
         from melecole.evaluation import evaluate_segmentation
@@ -397,30 +388,31 @@ def run_inference(
     results = []
     for prefix, path in jobs:
         volume = _read_input(path, cfg, raw_key)
-        paths = {
-            kind: out_dir / f"{prefix}_{kind}.hdf" for kind in ("affinities", "membranes", "segmentation")
-        }
-        fingerprint = _fingerprint(
-            cfg, checkpoint, checkpoint_sha, path, raw_key, _label_region(volume), windows, amp
-        )
+        paths = {kind: out_dir / f"{prefix}_{kind}.hdf" for kind in ("affinities", "membranes", "segmentation")}
+        fingerprint = _fingerprint(cfg, checkpoint, checkpoint_sha, path, raw_key, _label_region(volume), windows, amp)
         attrs = {"fingerprint": fingerprint, "checkpoint": str(checkpoint_file), "input": str(path)}
         cached = None if overwrite else _read_cached(paths, fingerprint)
+        reused = cached is not None
         if cached is not None:
             logger.info("%s: reusing cached affinities and foreground from %s", path.name, out_dir)
             affinities, foreground = cached
+            del cached
         else:
             logger.info("%s: predicting raw %s -> output %s", path.name, volume.raw.shape, volume.shape)
             affinities, foreground = _predict(model, volume, cfg, windows, device, amp, progress)
             _write_predictions(paths, affinities, foreground, cfg, attrs)
-        datasets = _segment(affinities, foreground, cfg, thresholds)
+        # float32 weights from the stored float16 values; the affinities are not needed after that.
+        weights = mws_weights(affinities, number_of_attractive_channels(cfg.INFERENCE.OFFSETS))
         del affinities
+        datasets = _segment(weights, foreground, cfg, thresholds)
+        del weights
         write_hdf(paths["segmentation"], datasets, attrs)
         result = VolumeResult(
             prefix,
             paths["affinities"],
             paths["membranes"],
             paths["segmentation"],
-            reused=cached is not None,
+            reused=reused,
             segmentation_keys=list(datasets),
         )
         if evaluate and volume.labels is not None:

@@ -133,9 +133,7 @@ class _AxisPlan:
         index = np.arange(self.window)
         inside = (index >= lo) & (index < hi)
         foreground = self.profile * inside
-        affinity = np.stack(
-            [foreground * ((index + step >= lo) & (index + step < hi)) for step in self.offsets]
-        )
+        affinity = np.stack([foreground * ((index + step >= lo) & (index + step < hi)) for step in self.offsets])
         return affinity, foreground
 
     def inverse_sums(self) -> tuple[np.ndarray, np.ndarray]:
@@ -184,9 +182,7 @@ def _region_bounds(region: Sequence[slice] | None, shape: Sequence[int]) -> list
     for piece, size in zip(region, shape):
         begin, end, step = piece.indices(int(size))
         if step != 1 or end <= begin:
-            raise ValueError(
-                f"region {region!r} must be non-empty slices with step 1 inside shape {tuple(shape)}"
-            )
+            raise ValueError(f"region {region!r} must be non-empty slices with step 1 inside shape {tuple(shape)}")
         bounds.append((begin, end))
     return bounds
 
@@ -248,9 +244,7 @@ def predict_volume(
     if raw.ndim != 3:
         raise ValueError(f"raw must be (Z, Y, X), got shape {raw.shape}")
     if raw.dtype != np.uint8 and not np.issubdtype(raw.dtype, np.floating):
-        raise ValueError(
-            f"raw must be uint8 or float in [0, 1] (see melecole.data.normalize_raw), got {raw.dtype}"
-        )
+        raise ValueError(f"raw must be uint8 or float in [0, 1] (see melecole.data.normalize_raw), got {raw.dtype}")
     offsets = _check_offsets(offsets, 3)
     window = [int(w) for w in window]
     margin = [int(m) for m in margin]
@@ -258,9 +252,7 @@ def predict_volume(
         stride = default_stride(window, margin, offsets)
     stride = [int(s) for s in stride]
     if len(window) != 3 or len(stride) != 3 or len(margin) != 3:
-        raise ValueError(
-            f"window, stride and margin need 3 values (z, y, x); got {window}, {stride}, {margin}"
-        )
+        raise ValueError(f"window, stride and margin need 3 values (z, y, x); got {window}, {stride}, {margin}")
     for w, s, m in zip(window, stride, margin):
         if w < 1 or not 1 <= s <= w or m < 0 or 2 * m >= w:
             raise ValueError(
@@ -315,10 +307,7 @@ def predict_volume(
         for first in range(0, len(positions), batch_size):
             batch_positions = positions[first : first + batch_size]
             crops = np.stack(
-                [
-                    padded[z : z + window[0], y : y + window[1], x : x + window[2]]
-                    for z, y, x in batch_positions
-                ]
+                [padded[z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in batch_positions]
             )
             inputs = _to_unit_float(torch.from_numpy(crops).to(device, non_blocking=True))[:, None]
             with autocast:
