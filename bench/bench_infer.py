@@ -89,7 +89,8 @@ def _timed(function) -> tuple[float, float]:
 def memory_stage(shape: tuple[int, int, int], device: str) -> dict:
     """Peak RSS of one predict_volume above the loaded model and raw (this process only)."""
     cfg, model, raw, windows = _setup(shape, device)
-    _predict(cfg, model, raw, windows, device)  # warm-up: lazy allocations, allocator pools
+    window = windows[0]
+    _predict(cfg, model, raw[: window[0], : window[1], : window[2]].copy(), windows, device)  # lazy init
     baseline = _status_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
