@@ -21,6 +21,10 @@ _C.HARDWARE.NUM_WORKERS = 2
 _C.HARDWARE.DEVICE = "auto"
 # Mixed precision (autocast + grad scaler). Only ever active on CUDA.
 _C.HARDWARE.AMP = True
+# torch CPU threads per process; 0 = auto: the usable cores minus the DataLoader workers, divided
+# among the local processes, at least 1 (more threads than free cores makes CPU training several
+# times slower, not faster).
+_C.HARDWARE.NUM_THREADS = 0
 
 # --------------------------------------------------------------------------------------------------
 # Dataset: <DATA_ROOT>/<split>/*.hdf, every file one volume (see DESIGN.md)

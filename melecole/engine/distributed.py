@@ -127,12 +127,6 @@ def _open_rendezvous(world_size: int) -> tuple[dist.TCPStore, int]:
     return store, port
 
 
-def _set_cpu_threads(world_size: int) -> None:
-    """Shares the cores between the CPU processes (as torchrun does), unless OMP_NUM_THREADS is set."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-
-
 def _shutdown_and_exit(exit_code: int) -> NoReturn:
     """Leaves a worker deterministically.
 
@@ -196,8 +190,7 @@ def _spawned_worker(
     def body() -> None:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        else:
-            _set_cpu_threads(world_size)
+        # CPU threads are shared out by the Trainer (HARDWARE.NUM_THREADS)
         timeout = process_group_timeout()
         store = dist.TCPStore(LOCALHOST, port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=local_rank, world_size=world_size, timeout=timeout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from melecole.engine.checkpoint import (
 from melecole.engine.optim import build_optimizer, build_scheduler
 from melecole.errors import CheckpointError
 from melecole.utils import comm
-from melecole.utils.device import resolve_device
+from melecole.utils.device import configure_threads, resolve_device
 from melecole.utils.io import atomic_write_text
 from melecole.utils.logger import setup_logging
 
@@ -123,10 +124,13 @@ class Trainer:
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
         self.is_main = self.rank == 0
-        local_rank = int(__import__("os").environ.get("LOCAL_RANK", self.rank))
+        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.device = resolve_device(cfg.HARDWARE.DEVICE, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif cfg.HARDWARE.NUM_THREADS > 0 or "OMP_NUM_THREADS" not in os.environ:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            configure_threads(cfg.HARDWARE.NUM_THREADS, cfg.HARDWARE.NUM_WORKERS, local_processes)
         moco_pretrain = cfg.MOCO.ENABLED and cfg.MOCO.MODE == "pretrain"
         if not moco_pretrain:  # contrastive pre-training needs no labelled folder
             check_data_root(cfg, [cfg.DATASET.TRAIN_SPLIT])

@@ -16,3 +16,23 @@ def resolve_device(requested: str = "auto", local_rank: int = 0) -> torch.device
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def usable_cpu_count() -> int:
+    """Cores this process may run on (affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(requested: int = 0, num_workers: int = 0, local_processes: int = 1) -> int:
+    """Sets torch's intra-op CPU threads (HARDWARE.NUM_THREADS; 0 = auto) and returns the number.
+
+    Auto leaves one core per DataLoader worker and splits the rest among the processes on this node.
+    """
+    threads = requested if requested > 0 else max(1, (usable_cpu_count() - num_workers) // max(1, local_processes))
+    torch.set_num_threads(threads)
+    return threads
