@@ -194,6 +194,11 @@ _C.INFERENCE.MWS_BACKGROUND = 0.5
 # Sub-sample mutex edges by these strides (z, y, x); [1, 1, 1] keeps all.
 _C.INFERENCE.MWS_STRIDES = [1, 1, 1]
 _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
+# After the watershed: segments smaller than this (voxels) are dropped, then (FILL_BACKGROUND)
+# every voxel left at 0 takes the nearest segment's label. Ground truth such as SNEMI3D's has no
+# boundary class, and a predicted 0 is scored as one ordinary (huge, merging) segment.
+_C.INFERENCE.MIN_SEGMENT_SIZE = 20
+_C.INFERENCE.FILL_BACKGROUND = True
 # Test-time augmentation is not implemented; kept out on purpose.
 
 # --------------------------------------------------------------------------------------------------
