@@ -7,7 +7,8 @@
 The synthetic dataset is generated first when DATASET.DATA_ROOT does not exist and the config
 points at the synthetic set. The table compares embeddings + mutex watershed (at
 INFERENCE.MWS_BACKGROUND, not tuned on val) with the connected-components baseline on the same
-foreground probability (best of several thresholds, i.e. an optimistic baseline).
+foreground probability (best of several thresholds, i.e. an optimistic baseline, with the same
+small-segment removal and background filling as the watershed).
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def ensure_synthetic_data(data_root: str, seed: int = 0) -> bool:
     return True
 
 
-def score_volume(segmentation_file: Path, membranes_file: Path, gt: np.ndarray) -> dict[str, dict]:
-    """Scores of the MWS segmentation and of the best connected-components baseline."""
+def score_volume(segmentation_file: Path, membranes_file: Path, gt: np.ndarray, cfg) -> dict[str, dict]:
+    """Scores of the MWS segmentation and of the best connected-components baseline; the baseline
+    gets the same post-processing as the watershed (INFERENCE.MIN_SEGMENT_SIZE, FILL_BACKGROUND)."""
     from melecole.evaluation import connected_components_baseline, evaluate_segmentation
+    from melecole.inference.postprocess import postprocess_segmentation
 
     with h5py.File(segmentation_file, "r") as handle:
         segmentation = handle["segmentation"][...]
@@ -53,7 +56,10 @@ def score_volume(segmentation_file: Path, membranes_file: Path, gt: np.ndarray) 
     rows = {"embeddings + MWS": evaluate_segmentation(segmentation, gt, top_k=0).to_dict()}
     best = None
     for threshold in BASELINE_THRESHOLDS:
-        baseline = connected_components_baseline(foreground, threshold=threshold)
+        baseline = postprocess_segmentation(
+            connected_components_baseline(foreground, threshold=threshold),
+            min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=cfg.INFERENCE.FILL_BACKGROUND,
+        )
         scores = evaluate_segmentation(baseline, gt, top_k=0).to_dict()
         scores["threshold"] = threshold
         if best is None or scores["vi_total"] < best["vi_total"]:
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {}
     for result, path in zip(results, files):
         volume = read_volume(path, cfg.DATASET.RAW_KEY, cfg.DATASET.LABEL_KEY, cfg.DATASET.PADDING)
-        rows = score_volume(result.segmentation, result.membranes, volume.labels)
+        rows = score_volume(result.segmentation, result.membranes, volume.labels, cfg)
         timings["evaluate"] = time.perf_counter() - start
         print(f"\n{cfg.LOG.RUN_NAME}: {split} volume {path.name} (VI in bits, lower is better)")
         print(format_table(rows))
