@@ -9,15 +9,18 @@ Output layout (DESIGN.md), per volume, under ``<run dir>/results/<checkpoint ste
                                'segmentation_t0.30', ... one more per extra threshold
 
 ``<prefix>`` is the split name, ``<split>_<volume stem>`` when the split holds several volumes, or
-the input file's stem for ``--input``. The run dir is the checkpoint's run folder (the checkpoint
-lies in RUN/checkpoints/) or the given output folder. Outputs cover the labelled region: the raw
-may carry DATASET.PADDING context, which is used for prediction and then cropped away.
+the input's name for ``--input`` (HDF5 file stem, zarr root stem [+ _key], precomputed layer name;
+zarr and precomputed inputs are read through :mod:`melecole.inference.stores`). The run dir is
+the checkpoint's run folder (the checkpoint lies in RUN/checkpoints/) or the given output folder.
+Outputs cover the labelled region: the raw may carry DATASET.PADDING context, which is used for
+prediction and then cropped away.
 
 Affinities and foreground are stored as float16 (half the space; error < 5e-4) and the
 segmentation is always computed from these stored values, so a run that reuses them gives the
 same labels as the run that wrote them. Every file carries a JSON ``fingerprint`` attribute
-(checkpoint content hash and iteration, the inference-relevant config values, the input file's
-identity); matching affinity and membrane files are reused and only the mutex watershed is redone.
+(checkpoint content hash and iteration, the inference-relevant config values, the input's
+identity: file size and mtime for HDF5, the raw's SHA-256 for zarr / precomputed); matching
+affinity and membrane files are reused and only the mutex watershed is redone.
 All files are written to a temporary name and renamed when complete.
 """
 
@@ -36,9 +39,10 @@ import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
-from melecole.errors import ConfigError, DataError
+from melecole.errors import ConfigError
 from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
 from melecole.inference.sliding_window import default_stride, predict_volume
+from melecole.inference.stores import InputSource, read_input, resolve_input
 from melecole.utils.io import atomic_path
 
 __all__ = [
@@ -69,6 +73,8 @@ class VolumeResult:
     reused: bool
     segmentation_keys: list[str] = field(default_factory=list)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: str = ""
+    resolution: tuple[float, ...] | None = None  # (z, y, x) nm stored with the input raw, if any
 
 
 def segmentation_key(threshold: float | None) -> str:
@@ -139,25 +145,17 @@ def _fingerprint(
     cfg: CN,
     checkpoint: dict,
     checkpoint_sha: str,
-    input_path: Path,
-    raw_key: str,
+    input_identity: dict[str, Any],
     region: Sequence[slice],
     windows: tuple,
     amp: bool,
 ) -> str:
     """JSON (sorted keys) of everything the stored affinities and foreground depend on."""
-    stat = input_path.stat()
     window, stride, margin = windows
     content: dict[str, Any] = {
         "format": FINGERPRINT_FORMAT,
         "checkpoint": {"sha256": checkpoint_sha, "iteration": int(checkpoint.get("iteration", -1))},
-        "input": {
-            "path": str(input_path.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "raw_key": raw_key,
-            "region": [[s.start, s.stop] for s in region],
-        },
+        "input": {**input_identity, "region": [[s.start, s.stop] for s in region]},
         "model": {
             key: (list(value) if isinstance(value, (list, tuple)) else value) for key, value in cfg.MODEL.items()
         },
@@ -226,19 +224,6 @@ def _read_cached(paths: dict[str, Path], fingerprint: str) -> tuple[np.ndarray, 
 def _label_region(volume) -> tuple[slice, ...]:
     """Slices of the raw that hold the labelled region (raw index = label index + padding)."""
     return tuple(slice(p, p + s) for p, s in zip(volume.padding, volume.shape))
-
-
-def _read_input(path: Path, cfg: CN, raw_key: str):
-    """Volume with labels when the file has DATASET.LABEL_KEY, else raw only."""
-    from melecole.data.volume import read_volume
-
-    label_key = cfg.DATASET.LABEL_KEY
-    try:
-        with h5py.File(path, "r") as handle:
-            has_labels = label_key in handle
-    except OSError:
-        has_labels = False  # read_volume reports the unreadable file
-    return read_volume(path, raw_key=raw_key, label_key=label_key if has_labels else None, padding=cfg.DATASET.PADDING)
 
 
 def _predict(
@@ -318,22 +303,23 @@ def _evaluate(datasets: dict[str, tuple[np.ndarray, dict]], labels: np.ndarray) 
     return scores
 
 
-def _volume_jobs(cfg: CN, split: str | None, input_path: str | os.PathLike | None) -> list[tuple[str, Path]]:
-    """[(output prefix, file)]: the input file (prefix: the split if given, else its stem) or every
-    volume of the split (prefix: the split, or <split>_<stem> when it holds several)."""
+def _volume_jobs(
+    cfg: CN, split: str | None, input_path: str | os.PathLike | None, raw_key: str
+) -> list[tuple[str, InputSource]]:
+    """[(output prefix, input)]: the input URL (prefix: the split if given, else the input's name) or
+    every volume of the split (prefix: the split, or <split>_<stem> when it holds several)."""
     from melecole.data.volume import list_volumes
 
     if input_path is not None:
-        path = Path(input_path)
-        if not path.is_file():
-            raise DataError(f"input file '{path}' does not exist")
-        return [(split or path.stem, path)]
+        source = resolve_input(input_path, raw_key)
+        return [(split or source.prefix, source)]
     if split is None:
         raise ConfigError("give a split (--split) or an input file (--input)")
     files = list_volumes(cfg.DATASET.DATA_ROOT, split)
-    if len(files) == 1:
-        return [(split, files[0])]
-    return [(f"{split}_{path.stem}", path) for path in files]
+    sources = [InputSource(str(path), path.stem, path, raw_key) for path in files]
+    if len(sources) == 1:
+        return [(split, sources[0])]
+    return [(f"{split}_{source.prefix}", source) for source in sources]
 
 
 def run_inference(
@@ -355,8 +341,9 @@ def run_inference(
         cfg: merged config; its model-shaping keys must match the checkpoint's.
         checkpoint_path: a checkpoint file, or a run folder (uses checkpoints/last.pt).
         split: infer every HDF5 volume in ``<DATASET.DATA_ROOT>/<split>/``.
-        input_path: one HDF5 file instead of the split's volumes (``split``, if given, only names
-            the outputs); ``raw_key`` overrides DATASET.RAW_KEY.
+        input_path: one volume instead of the split's: an HDF5 file (``file.hdf``, ``file.hdf:key``),
+            zarr (``x.zarr[:key]``) or precomputed URL (``precomputed://file:///abs``, ``gs://...``);
+            ``split``, if given, only names the outputs. ``raw_key`` overrides DATASET.RAW_KEY.
         output_dir: run folder for results/ (default: the checkpoint's run folder).
         thresholds: extra foreground thresholds; each adds a 'segmentation_tX.XX' dataset.
         overwrite: recompute affinities even if matching cached files exist.
@@ -365,7 +352,7 @@ def run_inference(
 
     Raises:
         CheckpointError: missing / unreadable checkpoint, or one trained with a different model shape.
-        DataError: missing split folder, input file or HDF5 key.
+        DataError: missing split folder, input or HDF5 key / zarr array.
         ConfigError: unusable window / stride / margin.
     """
     from melecole.engine.checkpoint import build_model_from_checkpoint
@@ -375,30 +362,30 @@ def run_inference(
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"--thresholds must lie in [0, 1], got {threshold}")
     windows = resolve_windows(cfg)
-    jobs = _volume_jobs(cfg, split, input_path)
+    raw_key = raw_key or cfg.DATASET.RAW_KEY
+    jobs = _volume_jobs(cfg, split, input_path, raw_key)
     device = resolve_device(cfg.HARDWARE.DEVICE)
     amp = bool(cfg.HARDWARE.AMP and device.type == "cuda")
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=device)
     checkpoint_file = Path(checkpoint["path"])
     checkpoint_sha = _file_sha256(checkpoint_file)
     out_dir = results_dir(checkpoint_file, output_dir)
-    raw_key = raw_key or cfg.DATASET.RAW_KEY
     logger.info("checkpoint %s (iteration %s) on %s", checkpoint_file, checkpoint.get("iteration"), device)
 
     results = []
-    for prefix, path in jobs:
-        volume = _read_input(path, cfg, raw_key)
+    for prefix, source in jobs:
+        volume, identity, resolution = read_input(source, cfg)
         paths = {kind: out_dir / f"{prefix}_{kind}.hdf" for kind in ("affinities", "membranes", "segmentation")}
-        fingerprint = _fingerprint(cfg, checkpoint, checkpoint_sha, path, raw_key, _label_region(volume), windows, amp)
-        attrs = {"fingerprint": fingerprint, "checkpoint": str(checkpoint_file), "input": str(path)}
+        fingerprint = _fingerprint(cfg, checkpoint, checkpoint_sha, identity, _label_region(volume), windows, amp)
+        attrs = {"fingerprint": fingerprint, "checkpoint": str(checkpoint_file), "input": source.url}
         cached = None if overwrite else _read_cached(paths, fingerprint)
         reused = cached is not None
         if cached is not None:
-            logger.info("%s: reusing cached affinities and foreground from %s", path.name, out_dir)
+            logger.info("%s: reusing cached affinities and foreground from %s", source.url, out_dir)
             affinities, foreground = cached
             del cached
         else:
-            logger.info("%s: predicting raw %s -> output %s", path.name, volume.raw.shape, volume.shape)
+            logger.info("%s: predicting raw %s -> output %s", source.url, volume.raw.shape, volume.shape)
             affinities, foreground = _predict(model, volume, cfg, windows, device, amp, progress)
             _write_predictions(paths, affinities, foreground, cfg, attrs)
         # float32 weights from the stored float16 values; the affinities are not needed after that.
@@ -414,6 +401,8 @@ def run_inference(
             paths["segmentation"],
             reused=reused,
             segmentation_keys=list(datasets),
+            source=source.url,
+            resolution=resolution,
         )
         if evaluate and volume.labels is not None:
             result.scores = _evaluate(datasets, volume.labels)
