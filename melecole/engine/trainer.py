@@ -128,9 +128,8 @@ class Trainer:
         self.device = resolve_device(cfg.HARDWARE.DEVICE, local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        elif cfg.HARDWARE.NUM_THREADS > 0 or "OMP_NUM_THREADS" not in os.environ:
-            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-            configure_threads(cfg.HARDWARE.NUM_THREADS, cfg.HARDWARE.NUM_WORKERS, local_processes)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        configure_threads(self.device, cfg.HARDWARE.NUM_THREADS, cfg.HARDWARE.NUM_WORKERS, local_processes)
         moco_pretrain = cfg.MOCO.ENABLED and cfg.MOCO.MODE == "pretrain"
         if not moco_pretrain:  # contrastive pre-training needs no labelled folder
             check_data_root(cfg, [cfg.DATASET.TRAIN_SPLIT])
@@ -394,7 +393,8 @@ class Trainer:
             if checkpoint.get("scaler") is not None:
                 self.scaler.load_state_dict(checkpoint["scaler"])
         except (ValueError, KeyError) as error:
-            raise CheckpointError(f"checkpoint '{checkpoint['path']}': cannot restore optimizer state ({error})") from None
+            source = checkpoint["path"]
+            raise CheckpointError(f"checkpoint '{source}': cannot restore optimizer state ({error})") from None
         if self.moco is not None:
             self.moco.load_state_dict(checkpoint.get("moco"), source=f"checkpoint '{checkpoint['path']}'")
         self.iteration = int(checkpoint["iteration"])

@@ -41,6 +41,7 @@ from yacs.config import CfgNode as CN
 
 from melecole.errors import ConfigError
 from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
+from melecole.inference.postprocess import postprocess_segmentation
 from melecole.inference.sliding_window import default_stride, predict_volume
 from melecole.inference.stores import InputSource, read_input, resolve_input
 from melecole.utils.io import atomic_path
@@ -260,7 +261,8 @@ def _predict(
 def _segment(
     weights: np.ndarray, foreground: np.ndarray, cfg: CN, thresholds: Sequence[float]
 ) -> dict[str, tuple[np.ndarray, dict]]:
-    """One MWS per threshold on shared edge weights (:func:`mws_weights` of the affinities)."""
+    """One MWS per threshold on shared edge weights (:func:`mws_weights` of the affinities), each
+    post-processed (INFERENCE.MIN_SEGMENT_SIZE, INFERENCE.FILL_BACKGROUND)."""
     offsets = cfg.INFERENCE.OFFSETS
     wanted: dict[str, float] = {segmentation_key(None): cfg.INFERENCE.MWS_BACKGROUND}
     wanted.update({segmentation_key(t): float(t) for t in thresholds})
@@ -278,12 +280,17 @@ def _segment(
                 randomized=cfg.INFERENCE.MWS_RANDOMIZED_STRIDES,
                 weights_ready=True,
             )
+            done[threshold] = postprocess_segmentation(
+                done[threshold], min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=cfg.INFERENCE.FILL_BACKGROUND
+            )
         datasets[key] = (
             done[threshold],
             {
                 "background_threshold": threshold,
                 "strides": list(cfg.INFERENCE.MWS_STRIDES),
                 "randomized_strides": bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
+                "min_segment_size": int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
+                "fill_background": bool(cfg.INFERENCE.FILL_BACKGROUND),
                 "num_segments": int(done[threshold].max()),
             },
         )
@@ -356,7 +363,7 @@ def run_inference(
         ConfigError: unusable window / stride / margin.
     """
     from melecole.engine.checkpoint import build_model_from_checkpoint
-    from melecole.utils.device import resolve_device
+    from melecole.utils.device import configure_threads, resolve_device
 
     for threshold in thresholds:
         if not 0.0 <= threshold <= 1.0:
@@ -365,6 +372,7 @@ def run_inference(
     raw_key = raw_key or cfg.DATASET.RAW_KEY
     jobs = _volume_jobs(cfg, split, input_path, raw_key)
     device = resolve_device(cfg.HARDWARE.DEVICE)
+    configure_threads(device, cfg.HARDWARE.NUM_THREADS)
     amp = bool(cfg.HARDWARE.AMP and device.type == "cuda")
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=device)
     checkpoint_file = Path(checkpoint["path"])

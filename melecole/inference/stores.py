@@ -358,7 +358,7 @@ def predict_affinities_to_store(
     from melecole.engine.checkpoint import build_model_from_checkpoint
     from melecole.inference.pipeline import resolve_windows
     from melecole.io import predict_affinities_chunked
-    from melecole.utils.device import resolve_device
+    from melecole.utils.device import configure_threads, resolve_device
 
     if not input_url or not affinities_url:
         raise ConfigError("--affinities-only needs --input URL and --output-affinities URL")
@@ -382,6 +382,7 @@ def predict_affinities_to_store(
             "uint8 or float raw in [0, 1] (convert it, or run infer.py without --affinities-only)"
         )
     device = resolve_device(cfg.HARDWARE.DEVICE)
+    configure_threads(device, cfg.HARDWARE.NUM_THREADS)
     amp = bool(cfg.HARDWARE.AMP and device.type == "cuda")
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=device)
     logger.info(

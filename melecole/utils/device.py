@@ -28,11 +28,19 @@ def usable_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def configure_threads(requested: int = 0, num_workers: int = 0, local_processes: int = 1) -> int:
-    """Sets torch's intra-op CPU threads (HARDWARE.NUM_THREADS; 0 = auto) and returns the number.
+def configure_threads(
+    device: torch.device, requested: int = 0, num_workers: int = 0, local_processes: int = 1
+) -> int | None:
+    """Sets torch's intra-op CPU threads for work on ``device`` (HARDWARE.NUM_THREADS; 0 = auto).
 
-    Auto leaves one core per DataLoader worker and splits the rest among the processes on this node.
+    Auto leaves one core per DataLoader worker and splits the rest among the processes on this node,
+    unless OMP_NUM_THREADS is set (then torch's choice stands). Returns the number set, or None when
+    nothing was changed (CUDA device, or OMP_NUM_THREADS with auto).
     """
+    import os
+
+    if device.type != "cpu" or (requested <= 0 and "OMP_NUM_THREADS" in os.environ):
+        return None
     threads = requested if requested > 0 else max(1, (usable_cpu_count() - num_workers) // max(1, local_processes))
     torch.set_num_threads(threads)
     return threads
