@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per test process and its subprocesses: tiny tensors gain nothing from more, and two
+# threads on a core that another job uses make small convolutions many times slower. Set before
+# torch is imported; HARDWARE.NUM_THREADS auto respects it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
