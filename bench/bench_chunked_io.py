@@ -20,20 +20,9 @@ import time
 
 import numpy as np
 
-OFFSETS = [
-    [-1, 0, 0],
-    [0, -1, 0],
-    [0, 0, -1],
-    [-2, 0, 0],
-    [0, -5, 0],
-    [0, 0, -5],
-    [0, -5, -5],
-    [0, -5, 5],
-    [-1, -5, 0],
-    [-1, 0, -5],
-    [1, -5, 0],
-    [1, 0, -5],
-]
+from melecole.config import get_default_cfg
+
+OFFSETS = [list(offset) for offset in get_default_cfg().INFERENCE.OFFSETS]  # the 12 default offsets
 WINDOW = (8, 32, 32)
 
 

@@ -5,23 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from melecole.config import get_default_cfg
 from melecole.inference.affinities import affinities_from_labels, offset_valid_mask
 from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
 
-OFFSETS = [
-    [-1, 0, 0],
-    [0, -1, 0],
-    [0, 0, -1],
-    [-2, 0, 0],
-    [0, -5, 0],
-    [0, 0, -5],
-    [0, -5, -5],
-    [0, -5, 5],
-    [-1, -5, 0],
-    [-1, 0, -5],
-    [1, -5, 0],
-    [1, 0, -5],
-]
+OFFSETS = [list(offset) for offset in get_default_cfg().INFERENCE.OFFSETS]  # the 12 default offsets
 
 
 def _boxes() -> np.ndarray:

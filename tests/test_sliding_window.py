@@ -7,23 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from melecole.config import get_default_cfg
 from melecole.inference.affinities import INVALID_AFFINITY, embeddings_to_affinities, offset_valid_mask
 from melecole.inference.sliding_window import blending_profile, predict_volume, window_starts
 
-OFFSETS = [
-    [-1, 0, 0],
-    [0, -1, 0],
-    [0, 0, -1],
-    [-2, 0, 0],
-    [0, -5, 0],
-    [0, 0, -5],
-    [0, -5, -5],
-    [0, -5, 5],
-    [-1, -5, 0],
-    [-1, 0, -5],
-    [1, -5, 0],
-    [1, 0, -5],
-]
+OFFSETS = [list(offset) for offset in get_default_cfg().INFERENCE.OFFSETS]  # the 12 default offsets
 
 
 class PointwiseModel(nn.Module):

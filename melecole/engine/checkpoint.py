@@ -78,7 +78,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def checkpoint_cfg(checkpoint: dict) -> CN:
     """The config stored inside a checkpoint."""
     try:
-        return cfg_from_yaml_text(checkpoint["config"], source=f"config stored in checkpoint '{checkpoint.get('path')}'")
+        source = f"config stored in checkpoint '{checkpoint.get('path')}'"
+        return cfg_from_yaml_text(checkpoint["config"], source=source)
     except MeLeCoLeError as error:
         raise CheckpointError(str(error)) from None
 
@@ -89,7 +90,8 @@ def model_shape_differences(stored: CN, current: CN) -> list[str]:
     for key in MODEL_SHAPING_KEYS:
         group, name = key.split(".")
         old, new = stored[group][name], current[group][name]
-        if list(old) != list(new) if isinstance(old, (list, tuple)) else old != new:
+        differs = list(old) != list(new) if isinstance(old, (list, tuple)) else old != new
+        if differs:
             differences.append(f"{key}: checkpoint {old!r} vs config {new!r}")
     return differences
 
