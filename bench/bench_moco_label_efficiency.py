@@ -6,10 +6,13 @@ Arms, each with the same number of optimizer steps (ITERATIONS) and seeds:
                       (and the labelled volume's raw), then supervised fine-tuning (--ssl_checkpoint)
                       for the rest
   joint               metric loss + MOCO.WEIGHT * InfoNCE for ITERATIONS steps
+and, only with --arms, a diagnostic arm outside the equal budget:
+  pretrain-extra+finetune  the pre-training of pretrain+finetune (reused when present), then
+                      fine-tuning for all ITERATIONS steps: does the pre-trained start help at all?
 Each trained model is run through the inference pipeline (sliding windows -> affinities -> mutex
 watershed) on the synthetic val volume and scored with melecole.evaluation (VI in bits, ARAND).
 
-    python bench/bench_moco_label_efficiency.py --out /tmp/moco-bench [--seeds 0 1 2] [--iterations 400]
+    python bench/bench_moco_label_efficiency.py --out /tmp/moco-bench [--seeds 0 1 2] [--iterations 720]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from melecole.inference import run_inference
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("supervised", "pretrain+finetune", "joint")
+EXTRA_ARMS = ("pretrain-extra+finetune",)
 
 
 def make_data(root: Path, labelled_shape: list[int], volume_shape: list[int], unlabelled: int, seed: int) -> None:
@@ -73,9 +77,17 @@ def run_arm(arm: str, seed: int, base: dict, iterations: int, pretrain_fraction:
         checkpoint, seconds = train({**common, "MOCO.MODE": "joint", "OPTIM.TOTAL_ITER": iterations}, out / "joint")
     else:
         pretrain_steps = int(round(pretrain_fraction * iterations))
-        ssl, seconds = train({**common, "MOCO.MODE": "pretrain", "OPTIM.TOTAL_ITER": pretrain_steps},
-                             out / "pretrain")
-        finetune = {**supervised, "OPTIM.TOTAL_ITER": iterations - pretrain_steps}
+        pretrain_dir = out.parent / "pretrain-finetune" / "pretrain"
+        ssl = pretrain_dir / "checkpoints" / "last.pt"
+        timing = pretrain_dir / "train_seconds.json"
+        if arm == "pretrain+finetune" or not timing.is_file():
+            ssl, seconds = train({**common, "MOCO.MODE": "pretrain", "OPTIM.TOTAL_ITER": pretrain_steps},
+                                 pretrain_dir)
+            timing.write_text(json.dumps(seconds))
+        else:  # the diagnostic arm reuses the equal-budget arm's pre-training
+            seconds = json.loads(timing.read_text())
+        finetune_steps = iterations if arm == "pretrain-extra+finetune" else iterations - pretrain_steps
+        finetune = {**supervised, "OPTIM.TOTAL_ITER": finetune_steps}
         checkpoint, more = train(finetune, out / "finetune", ssl_checkpoint=ssl)
         seconds += more
     scores = evaluate(supervised, checkpoint)
@@ -86,7 +98,7 @@ def summarise(records: list[dict]) -> str:
     """Markdown table: mean ± std over seeds per arm."""
     metrics = ("vi_split", "vi_merge", "vi_total", "arand", "train_seconds")
     lines = ["| arm | seeds | VI split | VI merge | VI total | ARAND | train s |", "|---|---|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in ARMS + EXTRA_ARMS:
         rows = [r for r in records if r["arm"] == arm]
         if not rows:
             continue
@@ -104,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench-moco-label-efficiency"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
-    parser.add_argument("--iterations", type=int, default=400, help="optimizer steps per arm")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + EXTRA_ARMS)
+    parser.add_argument("--iterations", type=int, default=720, help="optimizer steps per arm")
     parser.add_argument("--pretrain-fraction", type=float, default=0.5)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--labelled-shape", type=int, nargs=3, default=[16, 96, 96])
@@ -140,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             record = run_arm(arm, seed, base, args.iterations, args.pretrain_fraction, out)
             records.append(record)
             print(json.dumps(record), flush=True)
-    (args.out / "results.json").write_text(json.dumps(records, indent=1))
+    results = args.out / "results.json"
+    if results.is_file():  # keep the records of other arms / seeds from earlier invocations
+        done = {(r["arm"], r["seed"]) for r in records}
+        records = [r for r in json.loads(results.read_text()) if (r["arm"], r["seed"]) not in done] + records
+    results.write_text(json.dumps(records, indent=1))
     print(summarise(records))
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
