@@ -467,11 +467,17 @@ class Compose:
         return f"Compose([\n  {inner}\n])" if inner else "Compose([])"
 
 
-def build_augmentor(cfg: CfgNode) -> Compose:
+# AUGMENTATION.* groups that change intensities only (no voxel moves): usable when voxel
+# correspondence must be kept, e.g. for the two MoCo views.
+INTENSITY_GROUPS = ("MISSING_SECTION", "MISSING_PARTS", "MOTION_BLUR", "CUT_BLUR", "GRAYSCALE", "NOISE")
+
+
+def build_augmentor(cfg: CfgNode, groups: Sequence[str] | None = None) -> Compose:
     """Compose of the AUGMENTATION.* groups that are enabled (empty when AUGMENTATION.ENABLED is off).
 
     Order: flip, rotate, elastic, misalignment (spatial, need margin), then missing section,
-    missing parts, motion blur, cut blur, grayscale, noise.
+    missing parts, motion blur, cut blur, grayscale, noise. ``groups`` restricts the choice to
+    those group names (e.g. INTENSITY_GROUPS).
     """
     aug = cfg.AUGMENTATION
     if not aug.ENABLED:
@@ -497,7 +503,7 @@ def build_augmentor(cfg: CfgNode) -> Compose:
     transforms: list[Augmentation] = []
     for name, factory in factories:
         group = aug[name]
-        if not group.ENABLED:
+        if not group.ENABLED or (groups is not None and name not in groups):
             continue
         try:
             transforms.append(factory(group))

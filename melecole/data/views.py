@@ -27,16 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from yacs.config import CfgNode
 
-from melecole.data.augment import (
-    Augmentation,
-    Compose,
-    CutBlur,
-    Grayscale,
-    MissingParts,
-    MissingSection,
-    MotionBlur,
-    Noise,
-)
+from melecole.data.augment import INTENSITY_GROUPS, Compose, build_augmentor
 from melecole.data.dataset import worker_init_fn
 from melecole.data.volume import VOLUME_SUFFIXES, Volume, list_volumes, normalize_raw, read_volume
 from melecole.errors import ConfigError, DataError
@@ -159,31 +150,7 @@ def sample_view_pair(
 
 def build_view_augmentor(cfg: CfgNode) -> Compose:
     """The enabled intensity / EM-defect groups of AUGMENTATION.* (none that move voxels)."""
-    aug = cfg.AUGMENTATION
-    if not aug.ENABLED:
-        return Compose([])
-    factories = [
-        ("MISSING_SECTION", lambda g: MissingSection(p=g.P, num_sections=g.NUM_SECTIONS)),
-        ("MISSING_PARTS", lambda g: MissingParts(p=g.P, size=g.SIZE)),
-        (
-            "MOTION_BLUR",
-            lambda g: MotionBlur(p=g.P, sections=g.SECTIONS, kernel_size=g.KERNEL_SIZE, sigma=g.SIGMA),
-        ),
-        ("CUT_BLUR", lambda g: CutBlur(p=g.P, length_ratio=g.LENGTH_RATIO, down_ratio=g.DOWN_RATIO)),
-        (
-            "GRAYSCALE",
-            lambda g: Grayscale(p=g.P, contrast=g.CONTRAST, brightness=g.BRIGHTNESS, gamma=g.GAMMA),
-        ),
-        ("NOISE", lambda g: Noise(p=g.P, std=g.STD)),
-    ]
-    transforms: list[Augmentation] = []
-    for name, factory in factories:
-        if aug[name].ENABLED:
-            try:
-                transforms.append(factory(aug[name]))
-            except ValueError as error:
-                raise ConfigError(f"AUGMENTATION.{name}: {error}") from None
-    return Compose(transforms)
+    return build_augmentor(cfg, groups=INTENSITY_GROUPS)
 
 
 class TwoViewDataset(IterableDataset):
