@@ -42,7 +42,7 @@ from yacs.config import CfgNode as CN
 from melecole.errors import ConfigError
 from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
 from melecole.inference.postprocess import postprocess_segmentation
-from melecole.inference.sliding_window import default_stride, predict_volume
+from melecole.inference.sliding_window import default_stride, inference_device, predict_options, predict_volume
 from melecole.inference.stores import InputSource, read_input, resolve_input
 from melecole.utils.io import atomic_path
 
@@ -239,17 +239,10 @@ def _predict(
         model,
         raw,
         window=window,
-        stride=stride,
-        margin=margin,
         offsets=cfg.INFERENCE.OFFSETS,
-        delta_d=cfg.LOSS.DELTA_D,
-        norm=cfg.LOSS.NORM,
-        blending=cfg.INFERENCE.BLENDING,
-        batch_size=cfg.INFERENCE.BATCH_SIZE,
-        device=device,
-        amp=amp,
         progress=progress,
         region=_label_region(volume),
+        **predict_options(cfg, stride, margin, device, amp),
     )
     stored = np.empty(affinities.shape, dtype=STORAGE_DTYPE)
     for channel in range(affinities.shape[0]):  # channel-wise: no second float32-sized temporary
@@ -363,7 +356,6 @@ def run_inference(
         ConfigError: unusable window / stride / margin.
     """
     from melecole.engine.checkpoint import build_model_from_checkpoint
-    from melecole.utils.device import configure_threads, resolve_device
 
     for threshold in thresholds:
         if not 0.0 <= threshold <= 1.0:
@@ -371,9 +363,7 @@ def run_inference(
     windows = resolve_windows(cfg)
     raw_key = raw_key or cfg.DATASET.RAW_KEY
     jobs = _volume_jobs(cfg, split, input_path, raw_key)
-    device = resolve_device(cfg.HARDWARE.DEVICE)
-    configure_threads(device, cfg.HARDWARE.NUM_THREADS)
-    amp = bool(cfg.HARDWARE.AMP and device.type == "cuda")
+    device, amp = inference_device(cfg)
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=device)
     checkpoint_file = Path(checkpoint["path"])
     checkpoint_sha = _file_sha256(checkpoint_file)

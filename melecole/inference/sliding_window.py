@@ -381,3 +381,26 @@ def _normalise(
     for z in range(foreground.shape[0]):
         foreground[z] *= plane * np.float32(fg_z[z])
         np.clip(foreground[z], 0.0, 1.0, out=foreground[z])
+
+
+def inference_device(cfg) -> tuple[torch.device, bool]:
+    """(device, use AMP) for inference from HARDWARE.*; sets the CPU threads (HARDWARE.NUM_THREADS)."""
+    from melecole.utils.device import configure_threads, resolve_device
+
+    device = resolve_device(cfg.HARDWARE.DEVICE)
+    configure_threads(device, cfg.HARDWARE.NUM_THREADS)
+    return device, bool(cfg.HARDWARE.AMP and device.type == "cuda")
+
+
+def predict_options(cfg, stride: Sequence[int], margin: Sequence[int], device: torch.device, amp: bool) -> dict:
+    """The keyword arguments of :func:`predict_volume` that come from the config (LOSS.*, INFERENCE.*)."""
+    return dict(
+        stride=stride,
+        margin=margin,
+        delta_d=cfg.LOSS.DELTA_D,
+        norm=cfg.LOSS.NORM,
+        blending=cfg.INFERENCE.BLENDING,
+        batch_size=cfg.INFERENCE.BATCH_SIZE,
+        device=device,
+        amp=amp,
+    )

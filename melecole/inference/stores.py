@@ -31,6 +31,7 @@ import numpy as np
 from yacs.config import CfgNode as CN
 
 from melecole.errors import ConfigError, DataError
+from melecole.inference.sliding_window import inference_device, predict_options
 from melecole.io import ChunkedPrediction, LazyVolume, create_volume, iter_blocks, open_volume, parse_volume_url
 
 if TYPE_CHECKING:
@@ -358,7 +359,6 @@ def predict_affinities_to_store(
     from melecole.engine.checkpoint import build_model_from_checkpoint
     from melecole.inference.pipeline import resolve_windows
     from melecole.io import predict_affinities_chunked
-    from melecole.utils.device import configure_threads, resolve_device
 
     if not input_url or not affinities_url:
         raise ConfigError("--affinities-only needs --input URL and --output-affinities URL")
@@ -381,9 +381,7 @@ def predict_affinities_to_store(
             f"input '{volume.url}' has dtype {volume.dtype}; --affinities-only reads block by block and needs "
             "uint8 or float raw in [0, 1] (convert it, or run infer.py without --affinities-only)"
         )
-    device = resolve_device(cfg.HARDWARE.DEVICE)
-    configure_threads(device, cfg.HARDWARE.NUM_THREADS)
-    amp = bool(cfg.HARDWARE.AMP and device.type == "cuda")
+    device, amp = inference_device(cfg)
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=device)
     logger.info(
         "checkpoint %s on %s: %s %s -> %s in blocks %s, halo %s",
@@ -409,12 +407,5 @@ def predict_affinities_to_store(
         resolution=resolution,
         overwrite=overwrite,
         progress=progress,
-        stride=stride,
-        margin=margin,
-        delta_d=cfg.LOSS.DELTA_D,
-        norm=cfg.LOSS.NORM,
-        blending=cfg.INFERENCE.BLENDING,
-        batch_size=cfg.INFERENCE.BATCH_SIZE,
-        device=device,
-        amp=amp,
+        **predict_options(cfg, stride, margin, device, amp),
     )
