@@ -19,6 +19,7 @@ import numpy as np
 from yacs.config import CfgNode
 
 from melecole.errors import DataError
+from melecole.utils.io import open_hdf5
 
 __all__ = [
     "Volume",
@@ -142,13 +143,7 @@ def read_volume(
     padding = tuple(int(p) for p in padding)
     if len(padding) != 3 or min(padding) < 0:
         raise DataError(f"DATASET.PADDING must be 3 integers >= 0 (z, y, x), got {list(padding)}")
-    if not path.is_file():
-        raise DataError(f"file '{path}' does not exist")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError:
-        raise DataError(f"file '{path}' is not a readable HDF5 file") from None
-    with handle:
+    with open_hdf5(path) as handle:
         raw = _read_dataset(handle, path, raw_key, "DATASET.RAW_KEY")
         labels = _read_dataset(handle, path, label_key, "DATASET.LABEL_KEY") if label_key else None
     if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):

@@ -16,7 +16,7 @@ from melecole.errors import DataError
 from melecole.evaluation.contingency import ContingencyTable
 from melecole.evaluation.metrics import Offender, SegmentationScores, build_table, scores_from_table
 from melecole.evaluation.volumes import align_to_gt, connected_components_baseline, foreground_probability
-from melecole.utils.io import atomic_path, atomic_write_text
+from melecole.utils.io import atomic_path, atomic_write_text, open_hdf5
 
 DEFAULT_GT_KEY = "labels"
 DEFAULT_SEGMENTATION_KEY = "segmentation"
@@ -41,13 +41,7 @@ def read_hdf5_volume(
         DataError: the file is missing or not HDF5, or the key is absent (the message lists the keys).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{role} file not found: {path}")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as error:
-        raise DataError(f"{role} file {path} is not a readable HDF5 file ({error})") from error
-    with handle:
+    with open_hdf5(path, role=f"{role} file") as handle:
         names = _dataset_names(handle)
         wanted = default_key if key is None else key
         if wanted in handle and isinstance(handle[wanted], h5py.Dataset):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from melecole.errors import DataError
+from melecole.utils.io import open_hdf5
 
 __all__ = [
     "LazyVolume",
@@ -289,13 +290,7 @@ def _open_hdf5(parsed: VolumeURL, default_key: str | None) -> LazyVolume:
     import h5py
 
     path = Path(parsed.path)
-    if not path.is_file():
-        raise DataError(f"file '{path}' does not exist")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError:
-        raise DataError(f"file '{path}' is not a readable HDF5 file") from None
-    with handle:
+    with open_hdf5(path) as handle:
         datasets: list[str] = []
         handle.visititems(
             lambda name, node: datasets.append(name) if isinstance(node, h5py.Dataset) else None
