@@ -23,7 +23,7 @@ import numpy as np
 
 from melecole.config import load_cfg
 from melecole.utils.cli import add_config_arguments, run_cli
-from melecole.utils.io import atomic_write_text
+from melecole.utils.files import atomic_write_text
 from melecole.utils.logger import get_logger, setup_logging
 
 BASELINE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

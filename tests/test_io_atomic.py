@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from melecole.utils.io import atomic_path, atomic_write_text
+from melecole.utils.files import atomic_path, atomic_write_text
 
 
 def test_atomic_write_replaces_and_keeps_normal_permissions(tmp_path):

@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 
 from melecole.errors import DataError
 from melecole.utils.cli import run_cli
-from melecole.utils.io import atomic_path
+from melecole.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

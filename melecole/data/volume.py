@@ -19,7 +19,7 @@ import numpy as np
 from yacs.config import CfgNode
 
 from melecole.errors import DataError
-from melecole.utils.io import open_hdf5
+from melecole.utils.files import open_hdf5
 
 __all__ = [
     "Volume",

@@ -12,7 +12,7 @@ from yacs.config import CfgNode as CN
 import melecole
 from melecole.config import MODEL_SHAPING_KEYS, cfg_from_yaml_text
 from melecole.errors import CheckpointError, MeLeCoLeError
-from melecole.utils.io import atomic_torch_save
+from melecole.utils.files import atomic_torch_save
 
 CHECKPOINT_FORMAT = "melecole-checkpoint-v1"
 

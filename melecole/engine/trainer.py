@@ -33,7 +33,7 @@ from melecole.engine.optim import build_optimizer, build_scheduler
 from melecole.errors import CheckpointError
 from melecole.utils import comm
 from melecole.utils.device import configure_threads, resolve_device
-from melecole.utils.io import atomic_write_text
+from melecole.utils.files import atomic_write_text
 from melecole.utils.logger import setup_logging
 
 __all__ = ["Trainer", "make_run_dir", "seed_everything", "get_rng_state", "set_rng_state", "resume_config"]
@@ -345,7 +345,7 @@ class Trainer:
         """Raw, labels and the first 3 principal components of the embedding (middle section)."""
         if not self.val_batches:
             return
-        from melecole.utils.visualize import embedding_pca_image, label_image
+        from melecole.utils.images import embedding_pca_image, label_image
 
         batch = self.val_batches[0]
         model = unwrap_model(self.model)

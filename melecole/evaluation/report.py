@@ -16,7 +16,7 @@ from melecole.errors import DataError
 from melecole.evaluation.contingency import ContingencyTable
 from melecole.evaluation.metrics import Offender, SegmentationScores, build_table, scores_from_table
 from melecole.evaluation.volumes import align_to_gt, connected_components_baseline, foreground_probability
-from melecole.utils.io import atomic_path, atomic_write_text, open_hdf5
+from melecole.utils.files import atomic_path, atomic_write_text, open_hdf5
 
 DEFAULT_GT_KEY = "labels"
 DEFAULT_SEGMENTATION_KEY = "segmentation"

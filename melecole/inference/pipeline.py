@@ -44,7 +44,7 @@ from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attra
 from melecole.inference.postprocess import postprocess_segmentation
 from melecole.inference.sliding_window import default_stride, inference_device, predict_options, predict_volume
 from melecole.inference.stores import InputSource, read_input, resolve_input
-from melecole.utils.io import atomic_path
+from melecole.utils.files import atomic_path
 
 __all__ = [
     "FINGERPRINT_FORMAT",

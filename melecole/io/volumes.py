@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from melecole.errors import DataError
-from melecole.utils.io import open_hdf5
+from melecole.utils.files import open_hdf5
 
 __all__ = [
     "LazyVolume",
@@ -662,7 +662,7 @@ def create_volume(
     Args:
         url: ``out.zarr``, ``out.zarr:key``, ``zarr://folder`` or ``precomputed://file:///abs/path``
             (cloud paths are written in place, not atomically). HDF5 output: use h5py with
-            :func:`melecole.utils.io.atomic_path`.
+            :func:`melecole.utils.files.atomic_path`.
         shape: (Z, Y, X), or (C, Z, Y, X) for channels (affinities).
         dtype: e.g. uint8 / float32 images, uint32 / uint64 segmentations.
         chunks: storage chunks in the same order; default (64, 64, 64) clipped to the shape, all

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from melecole.errors import DataError
-from melecole.utils.io import atomic_path
-from melecole.utils.visualize import label_image
+from melecole.utils.files import atomic_path
+from melecole.utils.images import label_image
 from melecole.visualization.viewer import crop_to_labels, infer_padding
 
 __all__ = ["choose_slices", "overlay", "error_map", "render_report", "MERGE_COLOURS", "SPLIT_COLOURS"]
