@@ -1,71 +1,11 @@
 """Scores a segmentation against ground truth: VI split/merge (bits), adapted Rand error, offenders.
 
-    python variation_of_information.py --gt dataset/val/AC3_val.hdf \
-        --segmentation results/last/val_segmentation.hdf --membranes results/last/val_membranes.hdf
+    python variation_of_information.py --gt dataset/val/AC3_val.hdf --segmentation SEG.hdf [--membranes MEM.hdf]
 
-With --membranes, the connected components of the foreground probability (> --threshold) are
-scored as a baseline. A cell-size histogram is written beside the segmentation file.
+The library side is melecole/evaluation/cli.py (also installed as `melecole-evaluate`).
 """
 
-from __future__ import annotations
-
-import argparse
-import math
-
-from melecole.evaluation.report import evaluate_files, format_report, write_json
-from melecole.utils.cli import run_cli
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--gt", required=True, help="HDF5 file with ground-truth labels (0 = boundary)")
-    parser.add_argument("--segmentation", required=True, help="HDF5 file with the predicted labels")
-    parser.add_argument("--membranes", help="HDF5 file with the foreground probability (CC baseline)")
-    parser.add_argument("--gt-key", help="dataset in --gt (default: labels)")
-    parser.add_argument(
-        "--segmentation-key",
-        help="dataset in --segmentation (default: segmentation, or the file's only dataset)",
-    )
-    parser.add_argument(
-        "--membranes-key", help="dataset in --membranes (default: membranes, or the file's only dataset)"
-    )
-    parser.add_argument("--threshold", type=float, default=0.5, help="foreground threshold of the baseline")
-    parser.add_argument("--json", help="write all numbers to this JSON file")
-    parser.add_argument("--nats", action="store_true", help="natural log instead of bits")
-    parser.add_argument(
-        "--compat-original",
-        action="store_true",
-        help="original MeLeCoLe numbers: natural log, voxels 0 in either volume ignored",
-    )
-    parser.add_argument("--top", type=int, default=10, help="merge/split offenders to list")
-    parser.add_argument("--histogram", help="cell-size PNG (default: <segmentation stem>_cell_sizes.png)")
-    return parser
-
-
-@run_cli
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report = evaluate_files(
-        args.gt,
-        args.segmentation,
-        membranes_path=args.membranes,
-        gt_key=args.gt_key,
-        segmentation_key=args.segmentation_key,
-        membranes_key=args.membranes_key,
-        threshold=args.threshold,
-        log_base=math.e if args.nats else 2.0,
-        compat_original=args.compat_original,
-        top_k=args.top,
-        histogram_path=args.histogram,
-    )
-    print(format_report(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"json: {args.json}")
-    return 0
-
+from melecole.evaluation.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,89 +3,19 @@
     python -i view.py --gt dataset/val/AC3_val.hdf --segmentation results/.../val_segmentation.hdf
     python view.py --gt GT.hdf --segmentation SEG.hdf --png report.png --slices 10 50 90
 
-Inputs are HDF5 (``file.hdf`` or ``file.hdf:key``), zarr or precomputed URLs. Under ``python -i``
-the viewer keeps serving and ``viewer`` is the neuroglancer.Viewer; without -i the script serves
-until Ctrl-C. Padded raw is cropped to the labels (--padding, inferred from the shapes if omitted).
+The library side is melecole/visualization/cli.py (also installed as `melecole-view`). Under
+``python -i`` the viewer keeps serving and ``viewer`` is the neuroglancer.Viewer.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-import threading
 
-from melecole.utils.cli import run_cli
-from melecole.visualization import build_viewer_state, open_view_inputs, render_report, start_viewer
+from melecole.visualization import cli
+from melecole.visualization.cli import main
 
-viewer = None  # the neuroglancer.Viewer, for `python -i view.py ...`
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gt", required=True, help="ground truth (HDF5 key 'labels' by default)")
-    parser.add_argument("--segmentation", required=True, help="segmentation (key 'segmentation')")
-    parser.add_argument("--raw", help="raw (key 'volume'); default: the GT file's 'volume' if present")
-    parser.add_argument("--affinities", help="affinities (C, Z, Y, X) (key 'affinities')")
-    parser.add_argument("--membranes", help="membrane / foreground map (key 'membranes')")
-    parser.add_argument(
-        "--padding",
-        type=int,
-        nargs=3,
-        metavar=("Z", "Y", "X"),
-        help="raw context per side, cropped away (default: inferred from the shapes)",
-    )
-    parser.add_argument(
-        "--resolution",
-        type=float,
-        nargs=3,
-        metavar=("Z", "Y", "X"),
-        default=[30.0, 6.0, 6.0],
-        help="voxel size in nm (default 30 6 6, SNEMI3D)",
-    )
-    parser.add_argument("--bind", default="127.0.0.1", help="address the viewer listens on")
-    parser.add_argument("--port", type=int, default=0, help="viewer port (0 = a free port)")
-    parser.add_argument("--png", help="write a PNG montage here instead of starting a viewer")
-    parser.add_argument(
-        "--slices", type=int, nargs="+", help="z slices of the montage (default: 4 evenly spaced)"
-    )
-    parser.add_argument("--top-k", type=int, default=3, help="merge / split offenders marked in the montage")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    global viewer
-    args = parse_args(argv)
-    inputs = open_view_inputs(args.gt, args.segmentation, args.raw, args.affinities, args.membranes)
-    if args.png:
-        path = render_report(
-            args.png,
-            gt=inputs.gt,
-            segmentation=inputs.segmentation,
-            raw=inputs.raw,
-            slices=args.slices,
-            padding=args.padding,
-            top_k=args.top_k,
-        )
-        print(f"wrote {path}")
-        return 0
-    state = build_viewer_state(
-        raw=inputs.raw,
-        gt=inputs.gt,
-        segmentation=inputs.segmentation,
-        affinities=inputs.affinities,
-        membranes=inputs.membranes,
-        resolution=args.resolution,
-        padding=args.padding,
-    )
-    viewer = start_viewer(state, bind_address=args.bind, port=args.port)
-    print(viewer.get_viewer_url(), flush=True)
-    if not sys.flags.interactive:
-        print("serving; press Ctrl-C to stop (run with python -i to keep a prompt)", flush=True)
-        threading.Event().wait()
-    return 0
-
+viewer = None
 
 if __name__ == "__main__":
-    exit_code = run_cli(main)(None)
+    exit_code = main(None)
+    viewer = cli.viewer
     if exit_code or not sys.flags.interactive:
         sys.exit(exit_code)

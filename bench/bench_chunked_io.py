@@ -69,7 +69,8 @@ def predict(source: str, sink: str, chunk: list[int], whole: bool) -> dict:
     import torch
 
     from melecole.inference import predict_volume
-    from melecole.io import open_volume, predict_affinities_chunked
+    from melecole.inference.chunked import predict_affinities_chunked
+    from melecole.io import open_volume
 
     torch.set_num_threads(1)
     import cloudvolume  # noqa: F401  both formats' libraries count in the baseline, whichever is used

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from melecole.config import load_cfg
-from melecole.data.synthetic import generate_volume, write_volume
+from melecole.data.synthetic import generate_volume, write_dataset_file
 from melecole.engine.trainer import Trainer
 from melecole.inference import run_inference
 
@@ -45,7 +45,7 @@ def make_data(root: Path, labelled_shape: list[int], volume_shape: list[int], un
         if not path.is_file():
             volume_seed = 1000 * seed + 100 * ("train", "val", "unlabeled").index(folder) + index
             raw, labels = generate_volume(shape, seed=volume_seed, defects=defects)
-            write_volume(path, raw, labels)
+            write_dataset_file(path, raw, labels)
 
 
 def train(options: dict, out: Path, ssl_checkpoint: Path | None = None) -> tuple[Path, float]:

@@ -14,11 +14,11 @@ small-segment removal and background filling as the watershed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from melecole.config import load_cfg
@@ -46,25 +46,19 @@ def ensure_synthetic_data(data_root: str, seed: int = 0) -> bool:
 def score_volume(segmentation_file: Path, membranes_file: Path, gt: np.ndarray, cfg) -> dict[str, dict]:
     """Scores of the MWS segmentation and of the best connected-components baseline; the baseline
     gets the same post-processing as the watershed (INFERENCE.MIN_SEGMENT_SIZE, FILL_BACKGROUND)."""
-    from melecole.evaluation import connected_components_baseline, evaluate_segmentation
+    from melecole.evaluation import best_threshold_baseline, evaluate_segmentation
+    from melecole.inference.outputs import MEMBRANES_KEY, SEGMENTATION_KEY
     from melecole.inference.postprocess import postprocess_segmentation
+    from melecole.io import open_hdf5_volume
 
-    with h5py.File(segmentation_file, "r") as handle:
-        segmentation = handle["segmentation"][...]
-    with h5py.File(membranes_file, "r") as handle:
-        foreground = handle["membranes"][...].astype(np.float32)
+    segmentation = open_hdf5_volume(segmentation_file, SEGMENTATION_KEY).read()
+    foreground = open_hdf5_volume(membranes_file, MEMBRANES_KEY).read().astype(np.float32)
     rows = {"embeddings + MWS": evaluate_segmentation(segmentation, gt, top_k=0).to_dict()}
-    best = None
-    for threshold in BASELINE_THRESHOLDS:
-        baseline = postprocess_segmentation(
-            connected_components_baseline(foreground, threshold=threshold),
-            min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=cfg.INFERENCE.FILL_BACKGROUND,
-        )
-        scores = evaluate_segmentation(baseline, gt, top_k=0).to_dict()
-        scores["threshold"] = threshold
-        if best is None or scores["vi_total"] < best["vi_total"]:
-            best = scores
-    rows[f"CC baseline (best t={best['threshold']})"] = best
+    postprocess = functools.partial(
+        postprocess_segmentation, min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=cfg.INFERENCE.FILL_BACKGROUND
+    )
+    best = best_threshold_baseline(foreground, gt, BASELINE_THRESHOLDS, postprocess=postprocess)
+    rows[f"CC baseline (best t={best.threshold})"] = {**best.scores.to_dict(), "threshold": best.threshold}
     return rows
 
 

@@ -13,8 +13,9 @@ import torch
 
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import save_checkpoint
-from melecole.inference import pipeline
-from melecole.inference.pipeline import resolve_windows, run_inference, write_hdf
+from melecole.inference.options import resolve_windows
+from melecole.inference.outputs import segmentation_key, write_hdf
+from melecole.inference.pipeline import run_inference
 from melecole.models import build_model
 
 TINY = [
@@ -210,7 +211,7 @@ def test_resolve_windows(setup: dict) -> None:
         resolve_windows(load_cfg(None, TINY + ["INFERENCE.STRIDE", "[4, 30, 16]"]))
     with pytest.raises(ConfigError, match="divisible"):
         resolve_windows(load_cfg(None, TINY + ["INFERENCE.WINDOW_SIZE", "[8, 31, 32]"]))
-    assert pipeline.segmentation_key(0.3) == "segmentation_t0.30"
+    assert segmentation_key(0.3) == "segmentation_t0.30"
 
 
 @pytest.mark.slow

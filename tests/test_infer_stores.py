@@ -16,7 +16,9 @@ from melecole.config import load_cfg
 from melecole.engine.checkpoint import build_model_from_checkpoint, save_checkpoint
 from melecole.errors import ConfigError, DataError
 from melecole.inference import predict_volume, resolve_windows
-from melecole.inference.stores import check_store_url, exact_halo, resolve_input
+from melecole.inference.chunked import exact_halo
+from melecole.inference.inputs import resolve_input
+from melecole.inference.stores import check_store_url
 from melecole.io import open_volume, write_volume
 from melecole.models import build_model
 

@@ -11,7 +11,8 @@ import torch
 
 from melecole.errors import DataError
 from melecole.inference import predict_volume
-from melecole.io import create_volume, open_volume, parse_volume_url, predict_affinities_chunked, write_volume
+from melecole.inference.chunked import predict_affinities_chunked
+from melecole.io import create_volume, open_volume, parse_volume_url, write_volume
 
 OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, -3, 0], [-2, 0, -3]]
 

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from yacs.config import CfgNode
 
 from melecole.data.augment import Compose, build_augmentor
-from melecole.data.volume import Volume, list_volumes, normalize_raw, read_volume
+from melecole.data.volume import Volume, list_volumes, read_volume
 from melecole.errors import DataError
+from melecole.io import normalize_raw
 
 __all__ = [
     "TrainDataset",

@@ -37,6 +37,7 @@ import h5py
 import numpy as np
 from scipy import ndimage as ndi
 
+from melecole.data.volume import read_volume
 from melecole.errors import DataError
 from melecole.utils.cli import run_cli
 from melecole.utils.files import atomic_path
@@ -547,7 +548,7 @@ def _volume_seed(seed: int, split: str, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), split_code, int(index)]).generate_state(1)[0])
 
 
-def write_volume(
+def write_dataset_file(
     path: str | os.PathLike, raw: np.ndarray, labels: np.ndarray, attributes: dict | None = None
 ) -> Path:
     """Writes raw (``volume``) and ``labels`` gzip-compressed to an HDF5 file, atomically."""
@@ -604,7 +605,7 @@ def generate_dataset(
                 "params": json.dumps(params, sort_keys=True),
                 "defects": json.dumps(info["defects"], sort_keys=True),
             }
-            path = write_volume(
+            path = write_dataset_file(
                 Path(out) / split / f"synthetic_{split}_{index:02d}.hdf", raw, labels, attributes
             )
             logger.info(
@@ -622,35 +623,28 @@ def generate_dataset(
 def threshold_baseline(
     raw: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None = None
 ) -> dict[str, float]:
-    """Naive baseline: threshold raw, 3D connected components (cc3d, 6-connected), best of thresholds.
+    """Naive baseline: threshold raw, 3D connected components (6-connected), best of thresholds.
 
-    Scores on voxels where ``labels != 0``: VI split = H(seg | gt) and merge = H(gt | seg) in bits
-    (skimage), and the adapted Rand error (skimage, GT label 0 ignored). The threshold with the
-    lowest VI (split + merge) is reported.
+    :func:`melecole.evaluation.best_threshold_baseline` on the raw intensities: VI split =
+    H(seg | gt) and merge = H(gt | seg) in bits and the adapted Rand error, GT label 0 ignored. The
+    threshold with the lowest VI (split + merge) is reported.
 
     Returns:
         dict with threshold, vi_split, vi_merge, vi, arand.
     """
-    from skimage.metrics import adapted_rand_error, variation_of_information
+    from melecole.evaluation import best_threshold_baseline
 
     if thresholds is None:
         thresholds = np.arange(60, 200, 10)
-    mask = labels != 0
-    best: dict[str, float] | None = None
-    for threshold in thresholds:
-        segmentation = cc3d.connected_components(raw > threshold, connectivity=6, out_dtype=np.uint32)
-        split, merge = variation_of_information(labels[mask], segmentation[mask])
-        if best is None or split + merge < best["vi"]:
-            arand = adapted_rand_error(labels, segmentation, ignore_labels=(0,))[0]
-            best = {
-                "threshold": float(threshold),
-                "vi_split": float(split),
-                "vi_merge": float(merge),
-                "vi": float(split + merge),
-                "arand": float(arand),
-            }
-    assert best is not None
-    return best
+    best = best_threshold_baseline(raw, labels, thresholds)
+    scores = best.scores
+    return {
+        "threshold": best.threshold,
+        "vi_split": scores.vi_split,
+        "vi_merge": scores.vi_merge,
+        "vi": scores.vi_total,
+        "arand": scores.arand,
+    }
 
 
 @run_cli
@@ -673,8 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         for path in paths:
             if path.parent.name == "val":
-                with h5py.File(path, "r") as handle:
-                    scores = threshold_baseline(handle["volume"][:], handle["labels"][:])
+                volume = read_volume(path)
+                scores = threshold_baseline(volume.raw, volume.labels)
                 logger.info("naive baseline on %s: %s", path, json.dumps(scores))
     return 0
 

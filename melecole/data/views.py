@@ -29,8 +29,9 @@ from yacs.config import CfgNode
 
 from melecole.data.augment import INTENSITY_GROUPS, Compose, build_augmentor
 from melecole.data.dataset import worker_init_fn
-from melecole.data.volume import VOLUME_SUFFIXES, Volume, list_volumes, normalize_raw, read_volume
+from melecole.data.volume import Volume, list_volumes, read_volume
 from melecole.errors import ConfigError, DataError
+from melecole.io import HDF5_SUFFIXES, normalize_raw
 
 __all__ = [
     "SpatialTransform",
@@ -255,7 +256,7 @@ def list_unlabeled_volumes(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"DATASET.UNLABELED_DATA_ROOT: folder '{folder}' does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VOLUME_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES)
     if not files:
         raise DataError(
             f"DATASET.UNLABELED_DATA_ROOT: folder '{folder}' holds no HDF5 volume (*.hdf, *.h5, *.hdf5)"

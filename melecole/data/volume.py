@@ -14,12 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 from yacs.config import CfgNode
 
 from melecole.errors import DataError
-from melecole.utils.files import open_hdf5
+from melecole.io import (
+    HDF5_SUFFIXES,
+    hdf5_dataset_names,
+    inner_region,
+    intensity_range,
+    normalize_raw,
+    open_hdf5_volume,
+)
 
 __all__ = [
     "Volume",
@@ -27,16 +33,11 @@ __all__ = [
     "normalize_raw",
     "list_volumes",
     "check_data_root",
-    "VOLUME_SUFFIXES",
+    "intensity_range",
 ]
 
 logger = logging.getLogger(__name__)
 
-# File name endings recognised as HDF5 volumes in a split folder.
-VOLUME_SUFFIXES = (".hdf", ".h5", ".hdf5")
-
-# uint8 -> float32 / 255 by table look-up (exact 0 and 1, faster than arithmetic).
-_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Volume:
         labels: (Z, Y, X) integer neuron ids, 0 = boundary / unlabelled; None for unlabelled data.
         padding: effective (pz, py, px) context per side: label index i is raw index i + padding.
         path: the file it was read from.
-        value_range: (low, high) intensities mapped to 0 and 1 by :func:`normalize_raw`.
+        value_range: (low, high) intensities mapped to 0 and 1 by :func:`melecole.io.normalize_raw`.
     """
 
     raw: np.ndarray
@@ -68,58 +69,19 @@ class Volume:
     def num_voxels(self) -> int:
         return int(np.prod(self.shape))
 
-
-def _value_range(raw: np.ndarray) -> tuple[float, float]:
-    """Intensities that map to 0 and 1: the uint8 range, else the data's min and max.
-
-    Floats already inside [0, 1] keep (0, 1). Other integer types (uint16 with 12-bit data, ...)
-    use the data's range rather than the dtype's, which would leave them nearly black.
-    """
-    if raw.dtype == np.uint8:
-        return 0.0, 255.0
-    if raw.dtype == np.bool_:
-        return 0.0, 1.0
-    if raw.size == 0:
-        return 0.0, 1.0
-    low, high = float(np.min(raw)), float(np.max(raw))
-    if np.issubdtype(raw.dtype, np.floating) and low >= 0.0 and high <= 1.0:
-        return 0.0, 1.0
-    if high <= low:
-        return low, low + 1.0
-    return low, high
+    @property
+    def label_region(self) -> tuple[slice, ...]:
+        """Slices of the raw that hold the labelled region (raw index = label index + padding)."""
+        return inner_region(self.padding, self.shape)
 
 
-def normalize_raw(raw: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Raw intensities -> float32 in [0, 1].
-
-    Args:
-        raw: any shape; uint8 is divided by 255.
-        value_range: (low, high) mapped to (0, 1), values outside are clipped. None: the uint8
-            range for uint8, otherwise the data's own min/max (see :class:`Volume.value_range`,
-            computed over the whole volume so that all patches share one scale).
-    """
-    if value_range is None:
-        value_range = _value_range(raw)
-    low, high = value_range
-    if raw.dtype == np.uint8 and (low, high) == (0.0, 255.0):
-        return _UINT8_TO_UNIT[raw]
-    scaled = (raw.astype(np.float32) - np.float32(low)) / np.float32(high - low)
-    return np.clip(scaled, 0.0, 1.0, out=scaled)
-
-
-def _read_dataset(handle: h5py.File, path: Path, key: str, field: str) -> np.ndarray:
-    if key not in handle:
-        available = ", ".join(sorted(handle.keys())) or "none"
-        raise DataError(f"file '{path}': key '{key}' not found ({field}); the file has keys: {available}")
-    node = handle[key]
-    if not isinstance(node, h5py.Dataset):
-        raise DataError(f"file '{path}': '{key}' ({field}) is a group, not a dataset")
-    if node.ndim != 3:
-        raise DataError(f"file '{path}': '{key}' ({field}) must be 3D (z, y, x), got shape {node.shape}")
-    try:
-        return node[()]
-    except (OSError, RuntimeError) as error:  # h5py raises these for corrupt / truncated data
-        raise DataError(f"file '{path}': cannot read '{key}' ({field}): {error}") from None
+def _read_dataset(path: Path, key: str, field: str) -> np.ndarray:
+    """One 3D dataset, read whole through :func:`melecole.io.open_hdf5_volume` (``field`` names the
+    config key that chose it in errors)."""
+    volume = open_hdf5_volume(path, key, hint=field)
+    if volume.ndim != 3:
+        raise DataError(f"file '{path}': '{key}' ({field}) must be 3D (z, y, x), got shape {volume.shape}")
+    return volume.read()
 
 
 def read_volume(
@@ -127,13 +89,16 @@ def read_volume(
     raw_key: str = "volume",
     label_key: str | None = "labels",
     padding: Sequence[int] = (0, 0, 0),
+    *,
+    labels_optional: bool = False,
 ) -> Volume:
     """Reads one HDF5 volume and checks it against the dataset layout.
 
     The raw shape must equal ``labels.shape + 2 * padding`` (padded raw) or ``labels.shape``. In the
     second case the raw is taken as unpadded and the effective padding is (0, 0, 0), whatever
     ``padding`` says, so a dataset may mix padded and unpadded files. Without labels
-    (``label_key`` None or "") the whole raw is used and the effective padding is (0, 0, 0).
+    (``label_key`` None or "", or absent from the file with ``labels_optional``) the whole raw is
+    used and the effective padding is (0, 0, 0).
 
     Raises:
         DataError: the file is missing or not HDF5, a key is missing, an array is not 3D, the
@@ -143,13 +108,14 @@ def read_volume(
     padding = tuple(int(p) for p in padding)
     if len(padding) != 3 or min(padding) < 0:
         raise DataError(f"DATASET.PADDING must be 3 integers >= 0 (z, y, x), got {list(padding)}")
-    with open_hdf5(path) as handle:
-        raw = _read_dataset(handle, path, raw_key, "DATASET.RAW_KEY")
-        labels = _read_dataset(handle, path, label_key, "DATASET.LABEL_KEY") if label_key else None
+    raw = _read_dataset(path, raw_key, "DATASET.RAW_KEY")
+    if label_key and labels_optional and label_key not in hdf5_dataset_names(path):
+        label_key = None
+    labels = _read_dataset(path, label_key, "DATASET.LABEL_KEY") if label_key else None
     if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
         raise DataError(f"file '{path}': raw '{raw_key}' has non-numeric dtype {raw.dtype}")
     if labels is None:
-        return Volume(raw=raw, labels=None, padding=(0, 0, 0), path=path, value_range=_value_range(raw))
+        return Volume(raw=raw, labels=None, padding=(0, 0, 0), path=path, value_range=intensity_range(raw))
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         raise DataError(
             f"file '{path}': labels '{label_key}' (DATASET.LABEL_KEY) must be integer ids, "
@@ -171,7 +137,7 @@ def read_volume(
             f"or label shape + 2 * DATASET.PADDING {list(padding)} = "
             f"{tuple(s + 2 * p for s, p in zip(labels.shape, padding))}"
         )
-    return Volume(raw=raw, labels=labels, padding=padding, path=path, value_range=_value_range(raw))
+    return Volume(raw=raw, labels=labels, padding=padding, path=path, value_range=intensity_range(raw))
 
 
 def list_volumes(data_root: str | os.PathLike, split: str) -> list[Path]:
@@ -186,7 +152,7 @@ def list_volumes(data_root: str | os.PathLike, split: str) -> list[Path]:
             f"DATASET.DATA_ROOT: folder '{folder}' does not exist "
             f"(expected HDF5 volumes in <DATA_ROOT>/{split}/*.hdf)"
         )
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VOLUME_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in HDF5_SUFFIXES)
     if not files:
         raise DataError(
             f"DATASET.DATA_ROOT: folder '{folder}' holds no HDF5 volume "

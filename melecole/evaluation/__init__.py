@@ -1,5 +1,6 @@
 """Segmentation evaluation: VI split/merge, adapted Rand error, offenders, CC baseline (numpy in/out)."""
 
+from melecole.evaluation.baseline import BaselineResult, best_threshold_baseline, connected_components_baseline
 from melecole.evaluation.contingency import ContingencyTable, contingency_table
 from melecole.evaluation.metrics import (
     Offender,
@@ -13,12 +14,13 @@ from melecole.evaluation.metrics import (
 from melecole.evaluation.volumes import (
     Alignment,
     align_to_gt,
-    connected_components_baseline,
     foreground_probability,
 )
 
 __all__ = [
     "Alignment",
+    "BaselineResult",
+    "best_threshold_baseline",
     "ContingencyTable",
     "Offender",
     "SegmentationScores",

@@ -9,24 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from melecole.errors import DataError
+from melecole.evaluation.baseline import connected_components_baseline
 from melecole.evaluation.contingency import ContingencyTable
 from melecole.evaluation.metrics import Offender, SegmentationScores, build_table, scores_from_table
-from melecole.evaluation.volumes import align_to_gt, connected_components_baseline, foreground_probability
-from melecole.utils.files import atomic_path, atomic_write_text, open_hdf5
+from melecole.evaluation.volumes import align_to_gt, foreground_probability
+from melecole.io import open_hdf5_volume
+from melecole.utils.files import atomic_path, atomic_write_text
 
 DEFAULT_GT_KEY = "labels"
 DEFAULT_SEGMENTATION_KEY = "segmentation"
 DEFAULT_MEMBRANES_KEY = "membranes"
-
-
-def _dataset_names(handle: h5py.File) -> list[str]:
-    names: list[str] = []
-    handle.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
-    return names
 
 
 def read_hdf5_volume(
@@ -38,21 +33,12 @@ def read_hdf5_volume(
         ``(array, key actually read)``.
 
     Raises:
-        DataError: the file is missing or not HDF5, or the key is absent (the message lists the keys).
+        DataError: the file is missing or not HDF5, or the key is absent (the message lists the keys
+            and the option that chooses one).
     """
-    path = Path(path)
-    with open_hdf5(path, role=f"{role} file") as handle:
-        names = _dataset_names(handle)
-        wanted = default_key if key is None else key
-        if wanted in handle and isinstance(handle[wanted], h5py.Dataset):
-            return handle[wanted][()], wanted
-        if key is None and len(names) == 1:
-            return handle[names[0]][()], names[0]
-        option = f"--{role.replace(' ', '-')}-key" if role != "ground truth" else "--gt-key"
-        raise DataError(
-            f"{role} file {path} has no dataset '{wanted}' (datasets present: "
-            f"{', '.join(names) if names else 'none'}); choose one with {option}"
-        )
+    option = f"--{role.replace(' ', '-')}-key" if role != "ground truth" else "--gt-key"
+    volume = open_hdf5_volume(path, key, default_key=default_key, hint=f"choose one with {option}", role=f"{role} file")
+    return volume.read(), volume.url.rsplit(":", 1)[1]
 
 
 def plot_cell_sizes(

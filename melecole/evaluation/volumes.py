@@ -1,14 +1,14 @@
-"""Volume preparation for evaluation: shape alignment, foreground probabilities, the CC baseline."""
+"""Volume preparation for evaluation: shape alignment and foreground probabilities."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-import cc3d
 import numpy as np
 
 from melecole.errors import DataError
+from melecole.io.regions import crop_per_side
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,6 @@ class Alignment:
         if any(self.gt_crop):
             parts.append(f"{gt_name} center-cropped by {self.gt_crop} per side")
         return "; ".join(parts) if parts else "shapes match"
-
-
-def _crop(array: np.ndarray, per_side: Sequence[int]) -> np.ndarray:
-    return array[tuple(slice(margin, size - margin) for margin, size in zip(per_side, array.shape))]
 
 
 def align_to_gt(
@@ -80,7 +76,7 @@ def align_to_gt(
             )
     volume_crop = tuple(max(d, 0) // 2 for d in difference)
     gt_crop = tuple(max(-d, 0) // 2 for d in difference)
-    return _crop(volume, volume_crop), _crop(gt, gt_crop), Alignment(volume_crop, gt_crop)
+    return crop_per_side(volume, volume_crop), crop_per_side(gt, gt_crop), Alignment(volume_crop, gt_crop)
 
 
 def foreground_probability(array: np.ndarray, *, name: str = "membranes") -> np.ndarray:
@@ -107,19 +103,3 @@ def foreground_probability(array: np.ndarray, *, name: str = "membranes") -> np.
         if low < -1e-6 or high > 1.0 + 1e-6:
             raise DataError(f"{name} must hold probabilities in [0, 1], found values in [{low:g}, {high:g}]")
     return array.astype(np.float32, copy=False)
-
-
-def connected_components_baseline(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Baseline segmentation: connected components of ``probability > threshold``.
-
-    Args:
-        probability: (Z, Y, X) foreground probability (or (Y, X)); see :func:`foreground_probability`.
-        threshold: voxels strictly above it are foreground.
-
-    Returns:
-        uint32/uint64 labels of the same shape; 0 = background (face connectivity: 6 in 3D, 4 in 2D).
-    """
-    if probability.ndim not in (2, 3):
-        raise DataError(f"foreground probability must be 2D or 3D, got shape {probability.shape}")
-    connectivity = 6 if probability.ndim == 3 else 4
-    return cc3d.connected_components(np.asarray(probability) > threshold, connectivity=connectivity)

@@ -3,7 +3,9 @@
     affinities, foreground = predict_volume(model, raw, window=(20, 128, 128), offsets=OFFSETS, delta_d=1.5)
     labels = mutex_watershed(affinities, OFFSETS, foreground=foreground, background_threshold=0.5)
 
-``run_inference(cfg, checkpoint, split=...)`` is the library side of ``infer.py``.
+``run_inference(cfg, checkpoint, split=...)`` is the library side of ``infer.py``. Modules, lowest
+first: options (built once from the config), affinities / mws / postprocess (numeric),
+sliding_window, outputs (names, files, fingerprint), inputs, chunked, stores, pipeline, cli.
 """
 
 from melecole.inference.affinities import (
@@ -13,14 +15,27 @@ from melecole.inference.affinities import (
     offset_valid_mask,
 )
 from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
-from melecole.inference.pipeline import VolumeResult, resolve_windows, results_dir, run_inference
-from melecole.inference.sliding_window import blending_profile, default_stride, predict_volume, window_starts
+from melecole.inference.options import (
+    PredictOptions,
+    SegmentOptions,
+    build_predict_options,
+    build_segment_options,
+    default_stride,
+    resolve_windows,
+)
+from melecole.inference.outputs import VolumeResult, results_dir
+from melecole.inference.pipeline import run_inference, segment_affinities
+from melecole.inference.sliding_window import blending_profile, predict_volume, window_starts
 
 __all__ = [
     "INVALID_AFFINITY",
+    "PredictOptions",
+    "SegmentOptions",
     "VolumeResult",
     "affinities_from_labels",
     "blending_profile",
+    "build_predict_options",
+    "build_segment_options",
     "default_stride",
     "embeddings_to_affinities",
     "mutex_watershed",
@@ -31,5 +46,6 @@ __all__ = [
     "resolve_windows",
     "results_dir",
     "run_inference",
+    "segment_affinities",
     "window_starts",
 ]

@@ -60,7 +60,7 @@ def offset_valid_mask(shape: Sequence[int], offsets: Offsets) -> np.ndarray:
     return mask
 
 
-def _check_offsets(offsets: Offsets, ndim: int) -> list[tuple[int, ...]]:
+def check_offsets(offsets: Offsets, ndim: int) -> list[tuple[int, ...]]:
     checked = [tuple(int(v) for v in offset) for offset in offsets]
     if not checked or any(len(offset) != ndim for offset in checked):
         raise ValueError(f"offsets must be a non-empty list of {ndim}-tuples, got {list(offsets)!r}")
@@ -86,8 +86,14 @@ def _pair_affinity_into(
     out.mul_(-1.0 / (2.0 * delta_d)).add_(1.0).clamp_(min=0.0).square_()
 
 
-def _affinities(embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm) -> torch.Tensor:
-    """(E, Z, Y, X) -> (C, Z, Y, X) or (B, E, Z, Y, X) -> (B, C, Z, Y, X), float32 on the same device."""
+def affinities_tensor(
+    embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm
+) -> torch.Tensor:
+    """(E, Z, Y, X) -> (C, Z, Y, X) or (B, E, Z, Y, X) -> (B, C, Z, Y, X), float32 on the same device.
+
+    The tensor core of :func:`embeddings_to_affinities` for callers that hold checked offsets (e.g.
+    a batch of window embeddings in :mod:`melecole.inference.sliding_window`); no grad is recorded
+    only if the caller disables it."""
     batched = embedding.ndim == 5
     if batched:  # E first so that channel indexing selects whole (B, Z, Y, X) blocks
         embedding = embedding.transpose(0, 1)
@@ -105,14 +111,6 @@ def _affinities(embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d
         second = embedding[(slice(None),) + lead + target]
         _pair_affinity_into(out[lead + (channel,) + source], first, second, delta_d, norm)
     return out
-
-
-# Kept for callers that hold a batch of window embeddings.
-def _affinities_batched(
-    embedding: torch.Tensor, offsets: list[tuple[int, ...]], delta_d: float, norm: Norm
-) -> torch.Tensor:
-    """(B, E, Z, Y, X) -> (B, C, Z, Y, X) float32 on the embedding's device."""
-    return _affinities(embedding, offsets, delta_d, norm)
 
 
 def embeddings_to_affinities(embedding: ArrayLike, offsets: Offsets, delta_d: float, norm: Norm = "l2") -> ArrayLike:
@@ -137,9 +135,9 @@ def embeddings_to_affinities(embedding: ArrayLike, offsets: Offsets, delta_d: fl
     tensor = torch.from_numpy(np.ascontiguousarray(embedding)) if is_numpy else embedding
     if tensor.ndim not in (4, 5):
         raise ValueError(f"embedding must be (E, Z, Y, X) or (B, E, Z, Y, X), got shape {tuple(tensor.shape)}")
-    checked = _check_offsets(offsets, 3)
+    checked = check_offsets(offsets, 3)
     with torch.no_grad():
-        result = _affinities(tensor, checked, float(delta_d), norm)
+        result = affinities_tensor(tensor, checked, float(delta_d), norm)
     return result.numpy() if is_numpy else result
 
 
@@ -156,7 +154,7 @@ def affinities_from_labels(labels: np.ndarray, offsets: Offsets, ignore_backgrou
         float32 (C, Z, Y, X): 1 where both voxels carry the same id, 0 otherwise and for invalid pairs.
     """
     labels = np.asarray(labels)
-    checked = _check_offsets(offsets, labels.ndim)
+    checked = check_offsets(offsets, labels.ndim)
     out = np.full((len(checked),) + labels.shape, INVALID_AFFINITY, dtype=np.float32)
     for channel, offset in enumerate(checked):
         slices = offset_slices(labels.shape, offset)

@@ -21,14 +21,15 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from melecole.inference.affinities import INVALID_AFFINITY, Offsets, _affinities_batched, _check_offsets
+from melecole.inference.affinities import INVALID_AFFINITY, Offsets, affinities_tensor, check_offsets
+from melecole.inference.options import default_stride
+from melecole.utils.progress import progress_bar
 
 # _normalise leaves pairs without weight at 0.
 assert INVALID_AFFINITY == 0.0
 
-__all__ = ["predict_volume", "window_starts", "default_stride", "blending_profile", "BLENDING_CHOICES"]
+__all__ = ["predict_volume", "predict_windows", "window_starts", "blending_profile", "BLENDING_CHOICES"]
 
 BLENDING_CHOICES = ("gaussian", "bump", "constant")
 Blending = Literal["gaussian", "bump", "constant"]
@@ -47,16 +48,6 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     if starts[-1] != size - window:
         starts.append(size - window)
     return starts
-
-
-def default_stride(window: Sequence[int], margin: Sequence[int], offsets: Offsets) -> list[int]:
-    """Half the window, lowered where needed so that every pair lies in one cropped window.
-
-    Coverage needs stride <= window - 2 * margin - max |offset| along each axis; the result is at
-    least 1 (if even 1 is too large, :func:`predict_volume` reports the axis).
-    """
-    reach = [max(abs(int(o[a])) for o in offsets) for a in range(3)]
-    return [max(1, min(w // 2, w - 2 * m - r)) for w, m, r in zip(window, margin, reach)]
 
 
 def blending_profile(length: int, blending: Blending) -> np.ndarray:
@@ -188,10 +179,140 @@ def _region_bounds(region: Sequence[slice] | None, shape: Sequence[int]) -> list
 
 
 def _to_unit_float(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 / 255; floats are taken as already in [0, 1]."""
+    """uint8 -> float32 / 255 on the device (only bytes travel there); floats are already in [0, 1]."""
     if batch.dtype == torch.uint8:
         return batch.float().mul_(1.0 / 255.0)
     return batch.float()
+
+
+def _check_geometry(
+    raw: np.ndarray,
+    window: Sequence[int],
+    stride: Sequence[int] | None,
+    margin: Sequence[int],
+    offsets: Offsets,
+) -> tuple[list[int], list[int], list[int], list[tuple[int, ...]]]:
+    """Checked (window, stride, margin, offsets); ValueError names what is wrong."""
+    if raw.ndim != 3:
+        raise ValueError(f"raw must be (Z, Y, X), got shape {raw.shape}")
+    if raw.dtype != np.uint8 and not np.issubdtype(raw.dtype, np.floating):
+        raise ValueError(f"raw must be uint8 or float in [0, 1] (see melecole.io.model_input), got {raw.dtype}")
+    offsets = check_offsets(offsets, 3)
+    window = [int(w) for w in window]
+    margin = [int(m) for m in margin]
+    stride = [int(s) for s in stride] if stride else default_stride(window, margin, offsets)
+    if len(window) != 3 or len(stride) != 3 or len(margin) != 3:
+        raise ValueError(f"window, stride and margin need 3 values (z, y, x); got {window}, {stride}, {margin}")
+    for w, s, m in zip(window, stride, margin):
+        if w < 1 or not 1 <= s <= w or m < 0 or 2 * m >= w:
+            raise ValueError(
+                f"need 1 <= stride <= window and 0 <= 2 * margin < window; got window {window}, "
+                f"stride {stride}, margin {margin}"
+            )
+    return window, stride, margin, offsets
+
+
+class _WindowGrid:
+    """The plan of one prediction: padded input, window positions, blending weights, output buffers.
+
+    Accumulates each window's weighted, cropped affinities and foreground into float32 outputs and
+    normalises them at the end (:meth:`finish`).
+    """
+
+    def __init__(
+        self,
+        raw: np.ndarray,
+        window: list[int],
+        stride: list[int],
+        margin: list[int],
+        offsets: list[tuple[int, ...]],
+        blending: Blending,
+        region: Sequence[slice] | None,
+        device: torch.device,
+    ):
+        bounds = _region_bounds(region, raw.shape)
+        self.shape = tuple(end - begin for begin, end in bounds)
+        self.padded, pad_before = _pad_to_window(raw, window)
+        self.window, self.offsets, self.device = window, offsets, device
+        self.plans = [
+            _AxisPlan(
+                "zyx"[a],
+                self.padded.shape[a],
+                window[a],
+                stride[a],
+                margin[a],
+                pad_before[a] + bounds[a][0],
+                self.shape[a],
+                [o[a] for o in offsets],
+                blending_profile(window[a], blending),
+            )
+            for a in range(3)
+        ]
+        self.inverse = [plan.inverse_sums() for plan in self.plans]  # checks coverage before any compute
+        # Windows whose cropped part misses the output region (e.g. inside padding) add nothing.
+        useful = [[s for s in plan.starts if operator.lt(*plan.output_span(s))] for plan in self.plans]
+        self.positions = list(itertools.product(*useful))
+        self.affinities = np.zeros((len(offsets),) + self.shape, dtype=np.float32)
+        self.foreground = np.zeros(self.shape, dtype=np.float32)
+        self._weights: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def crops(self, positions: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """(B, 1, wz, wy, wx) model input of the windows at ``positions``, on the device."""
+        wz, wy, wx = self.window
+        crops = np.stack([self.padded[z : z + wz, y : y + wy, x : x + wx] for z, y, x in positions])
+        return _to_unit_float(torch.from_numpy(crops).to(self.device, non_blocking=True))[:, None]
+
+    def _axis_weights(self, axis: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (axis, lo, hi)
+        if key not in self._weights:
+            affinity, foreground = self.plans[axis].weights(lo, hi)
+            self._weights[key] = (
+                torch.as_tensor(affinity[:, lo:hi], dtype=torch.float32, device=self.device),
+                torch.as_tensor(foreground[lo:hi], dtype=torch.float32, device=self.device),
+            )
+        return self._weights[key]
+
+    def accumulate(
+        self, window_affinities: torch.Tensor, window_foreground: torch.Tensor, start: Sequence[int]
+    ) -> None:
+        """Adds one window's weighted, cropped (C, wz, wy, wx) affinities and (wz, wy, wx) foreground."""
+        local, target, weights = [], [], []
+        for axis, plan in enumerate(self.plans):
+            begin, end = plan.output_span(start[axis])
+            lo, hi = plan.crop(start[axis])
+            affinity_weight, foreground_weight = self._axis_weights(axis, lo, hi)
+            cut = slice(begin - start[axis] - lo, end - start[axis] - lo)
+            local.append(slice(begin - start[axis], end - start[axis]))
+            target.append(slice(begin - plan.out_begin, end - plan.out_begin))
+            weights.append((affinity_weight[:, cut], foreground_weight[cut]))
+        (az, fz), (ay, fy), (ax, fx) = weights
+        affinity_weight = az[:, :, None, None] * ay[:, None, :, None] * ax[:, None, None, :]
+        foreground_weight = fz[:, None, None] * fy[None, :, None] * fx[None, None, :]
+        local, target = tuple(local), tuple(target)
+        weighted = (window_affinities[(slice(None),) + local] * affinity_weight).cpu().numpy()
+        self.affinities[(slice(None),) + target] += weighted
+        self.foreground[target] += (window_foreground[local] * foreground_weight).cpu().numpy()
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Divides the weighted sums by the weight sums (in place); returns (affinities, foreground)."""
+        _normalise(self.affinities, self.foreground, self.inverse, self.offsets)
+        return self.affinities, self.foreground
+
+
+def predict_windows(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    offsets: list[tuple[int, ...]],
+    delta_d: float,
+    norm: Literal["l1", "l2"],
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of windows: model -> per-window affinities (B, C, wz, wy, wx) and foreground
+    probability (B, wz, wy, wx), both float32 on the model's device."""
+    with autocast:
+        output = model(inputs)
+    foreground = torch.sigmoid(output["foreground"].float())[:, 0]
+    return affinities_tensor(output["embedding"].float(), offsets, float(delta_d), norm), foreground
 
 
 def predict_volume(
@@ -218,8 +339,9 @@ def predict_volume(
             foreground=(B, 1, z, y, x) logits); already on ``device``. It is put in eval mode.
         raw: (Z, Y, X) uint8 (divided by 255) or float already scaled to [0, 1].
         window: (wz, wy, wx) window size; must suit the model's downsampling.
-        stride: step between windows; None = :func:`default_stride` (half the window unless the
-            margin and offsets need less). The last window along each axis is aligned to the end.
+        stride: step between windows; None = :func:`~melecole.inference.options.default_stride`
+            (half the window unless the margin and offsets need less). The last window along each
+            axis is aligned to the end.
         margin: voxels cropped from each window side before blending (not at the volume border).
         offsets: C affinity offsets (dz, dy, dx).
         delta_d, norm: embeddings -> affinities (LOSS.DELTA_D, LOSS.NORM).
@@ -227,7 +349,7 @@ def predict_volume(
         batch_size: windows per forward pass.
         device: where the model runs; affinities of each window are computed there too.
         amp: autocast (float16) on CUDA; ignored on CPU.
-        progress: show a tqdm bar over windows.
+        progress: a progress bar over windows (a bool or a LOG.PROGRESS_BAR setting).
         region: optional (z, y, x) slices (step 1) of ``raw``: outputs cover only this region (e.g.
             the labelled part of a padded raw) while the whole raw gives context. Only windows
             whose cropped part meets the region are predicted.
@@ -241,122 +363,22 @@ def predict_volume(
         ValueError: bad window / stride / margin, or a stride leaving some pairs uncovered.
     """
     raw = np.asarray(raw)
-    if raw.ndim != 3:
-        raise ValueError(f"raw must be (Z, Y, X), got shape {raw.shape}")
-    if raw.dtype != np.uint8 and not np.issubdtype(raw.dtype, np.floating):
-        raise ValueError(f"raw must be uint8 or float in [0, 1] (see melecole.data.normalize_raw), got {raw.dtype}")
-    offsets = _check_offsets(offsets, 3)
-    window = [int(w) for w in window]
-    margin = [int(m) for m in margin]
-    if stride is None or len(stride) == 0:
-        stride = default_stride(window, margin, offsets)
-    stride = [int(s) for s in stride]
-    if len(window) != 3 or len(stride) != 3 or len(margin) != 3:
-        raise ValueError(f"window, stride and margin need 3 values (z, y, x); got {window}, {stride}, {margin}")
-    for w, s, m in zip(window, stride, margin):
-        if w < 1 or not 1 <= s <= w or m < 0 or 2 * m >= w:
-            raise ValueError(
-                f"need 1 <= stride <= window and 0 <= 2 * margin < window; got window {window}, "
-                f"stride {stride}, margin {margin}"
-            )
+    window, stride, margin, offsets = _check_geometry(raw, window, stride, margin, offsets)
     device = torch.device(device)
-    bounds = _region_bounds(region, raw.shape)
-    shape = tuple(end - begin for begin, end in bounds)
-    padded, pad_before = _pad_to_window(raw, window)
-    plans = [
-        _AxisPlan(
-            "zyx"[a],
-            padded.shape[a],
-            window[a],
-            stride[a],
-            margin[a],
-            pad_before[a] + bounds[a][0],
-            shape[a],
-            [o[a] for o in offsets],
-            blending_profile(window[a], blending),
-        )
-        for a in range(3)
-    ]
-    inverse = [plan.inverse_sums() for plan in plans]  # checks coverage before any compute
-
-    affinities = np.zeros((len(offsets),) + shape, dtype=np.float32)
-    foreground = np.zeros(shape, dtype=np.float32)
-    weight_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def window_weights(axis: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (axis, lo, hi)
-        if key not in weight_cache:
-            affinity, fg = plans[axis].weights(lo, hi)
-            weight_cache[key] = (
-                torch.as_tensor(affinity[:, lo:hi], dtype=torch.float32, device=device),
-                torch.as_tensor(fg[lo:hi], dtype=torch.float32, device=device),
-            )
-        return weight_cache[key]
-
-    # Windows whose cropped part misses the output region (e.g. inside padding) add nothing.
-    useful = [[s for s in plan.starts if operator.lt(*plan.output_span(s))] for plan in plans]
-    positions = list(itertools.product(*useful))
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16)
-        if amp and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    grid = _WindowGrid(raw, window, stride, margin, offsets, blending, region, device)
+    use_amp = amp and device.type == "cuda"
+    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
     model.eval()
-    bar = tqdm(total=len(positions), desc="windows", unit="win", disable=not progress, leave=False)
+    bar = progress_bar(total=len(grid.positions), desc="windows", unit="win", enabled=progress, leave=False)
     with torch.inference_mode():
-        for first in range(0, len(positions), batch_size):
-            batch_positions = positions[first : first + batch_size]
-            crops = np.stack(
-                [padded[z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in batch_positions]
-            )
-            inputs = _to_unit_float(torch.from_numpy(crops).to(device, non_blocking=True))[:, None]
-            with autocast:
-                output = model(inputs)
-            embedding = output["embedding"].float()
-            batch_foreground = torch.sigmoid(output["foreground"].float())[:, 0]
-            batch_affinities = _affinities_batched(embedding, offsets, float(delta_d), norm)
-            for index, start in enumerate(batch_positions):
-                _accumulate(
-                    batch_affinities[index],
-                    batch_foreground[index],
-                    start,
-                    plans,
-                    window_weights,
-                    affinities,
-                    foreground,
-                )
-            bar.update(len(batch_positions))
+        for first in range(0, len(grid.positions), batch_size):
+            positions = grid.positions[first : first + batch_size]
+            affinities, foreground = predict_windows(model, grid.crops(positions), offsets, delta_d, norm, autocast)
+            for index, start in enumerate(positions):
+                grid.accumulate(affinities[index], foreground[index], start)
+            bar.update(len(positions))
     bar.close()
-    _normalise(affinities, foreground, inverse, offsets)
-    return affinities, foreground
-
-
-def _accumulate(
-    window_affinities: torch.Tensor,
-    window_foreground: torch.Tensor,
-    start: Sequence[int],
-    plans: list[_AxisPlan],
-    window_weights,
-    affinities: np.ndarray,
-    foreground: np.ndarray,
-) -> None:
-    """Adds one window's weighted, cropped (C, wz, wy, wx) affinities and (wz, wy, wx) foreground."""
-    local, target, weights = [], [], []
-    for axis, plan in enumerate(plans):
-        begin, end = plan.output_span(start[axis])
-        lo, hi = plan.crop(start[axis])
-        affinity_weight, foreground_weight = window_weights(axis, lo, hi)
-        cut = slice(begin - start[axis] - lo, end - start[axis] - lo)
-        local.append(slice(begin - start[axis], end - start[axis]))
-        target.append(slice(begin - plan.out_begin, end - plan.out_begin))
-        weights.append((affinity_weight[:, cut], foreground_weight[cut]))
-    (az, fz), (ay, fy), (ax, fx) = weights
-    affinity_weight = az[:, :, None, None] * ay[:, None, :, None] * ax[:, None, None, :]
-    foreground_weight = fz[:, None, None] * fy[None, :, None] * fx[None, None, :]
-    local, target = tuple(local), tuple(target)
-    weighted = (window_affinities[(slice(None),) + local] * affinity_weight).cpu().numpy()
-    affinities[(slice(None),) + target] += weighted
-    foreground[target] += (window_foreground[local] * foreground_weight).cpu().numpy()
+    return grid.finish()
 
 
 def _normalise(
@@ -381,26 +403,3 @@ def _normalise(
     for z in range(foreground.shape[0]):
         foreground[z] *= plane * np.float32(fg_z[z])
         np.clip(foreground[z], 0.0, 1.0, out=foreground[z])
-
-
-def inference_device(cfg) -> tuple[torch.device, bool]:
-    """(device, use AMP) for inference from HARDWARE.*; sets the CPU threads (HARDWARE.NUM_THREADS)."""
-    from melecole.utils.device import configure_threads, resolve_device
-
-    device = resolve_device(cfg.HARDWARE.DEVICE)
-    configure_threads(device, cfg.HARDWARE.NUM_THREADS)
-    return device, bool(cfg.HARDWARE.AMP and device.type == "cuda")
-
-
-def predict_options(cfg, stride: Sequence[int], margin: Sequence[int], device: torch.device, amp: bool) -> dict:
-    """The keyword arguments of :func:`predict_volume` that come from the config (LOSS.*, INFERENCE.*)."""
-    return dict(
-        stride=stride,
-        margin=margin,
-        delta_d=cfg.LOSS.DELTA_D,
-        norm=cfg.LOSS.NORM,
-        blending=cfg.INFERENCE.BLENDING,
-        batch_size=cfg.INFERENCE.BATCH_SIZE,
-        device=device,
-        amp=amp,
-    )

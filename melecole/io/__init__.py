@@ -1,26 +1,43 @@
-"""Large-volume I/O: lazy HDF5 / zarr / precomputed volumes, writers, chunked affinity prediction."""
+"""Volume access: lazy HDF5 / zarr / precomputed volumes and writers, raw normalisation, padding crops.
 
-from melecole.io.chunked import ChunkedPrediction, predict_affinities_chunked
+This package is the bottom of MeLeCoLe's data flow: it imports nothing from the other subpackages
+(chunked affinity prediction lives in :mod:`melecole.inference.chunked`).
+"""
+
+from melecole.io.raw import intensity_range, model_input, normalize_raw
+from melecole.io.regions import crop_per_side, inner_region, symmetric_padding
 from melecole.io.volumes import (
+    HDF5_SUFFIXES,
     LazyVolume,
     VolumeURL,
     VolumeWriter,
     create_volume,
+    hdf5_dataset_names,
     iter_blocks,
+    open_hdf5,
+    open_hdf5_volume,
     open_volume,
     parse_volume_url,
     write_volume,
 )
 
 __all__ = [
-    "ChunkedPrediction",
+    "HDF5_SUFFIXES",
     "LazyVolume",
     "VolumeURL",
     "VolumeWriter",
     "create_volume",
+    "crop_per_side",
+    "hdf5_dataset_names",
+    "inner_region",
+    "intensity_range",
     "iter_blocks",
+    "model_input",
+    "normalize_raw",
+    "open_hdf5",
+    "open_hdf5_volume",
     "open_volume",
     "parse_volume_url",
-    "predict_affinities_chunked",
+    "symmetric_padding",
     "write_volume",
 ]

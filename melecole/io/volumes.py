@@ -32,7 +32,6 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from melecole.errors import DataError
-from melecole.utils.files import open_hdf5
 
 __all__ = [
     "LazyVolume",
@@ -44,6 +43,9 @@ __all__ = [
     "write_volume",
     "iter_blocks",
     "HDF5_SUFFIXES",
+    "hdf5_dataset_names",
+    "open_hdf5",
+    "open_hdf5_volume",
 ]
 
 HDF5_SUFFIXES = (".hdf", ".h5", ".hdf5")
@@ -286,31 +288,77 @@ def _resolution_attribute(attributes: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value[-3:]) if value.size >= 3 else None
 
 
-def _open_hdf5(parsed: VolumeURL, default_key: str | None) -> LazyVolume:
+def open_hdf5(path: str | os.PathLike, role: str = "file"):
+    """Opens an HDF5 file for reading (h5py.File); a missing or non-HDF5 file is a one-line DataError.
+
+    ``role`` names the file in the message (e.g. "ground truth file").
+    """
     import h5py
 
-    path = Path(parsed.path)
-    with open_hdf5(path) as handle:
-        datasets: list[str] = []
-        handle.visititems(
-            lambda name, node: datasets.append(name) if isinstance(node, h5py.Dataset) else None
-        )
-        key = parsed.key
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{role} '{path}' does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise DataError(f"{role} '{path}' is not a readable HDF5 file") from None
+
+
+def _dataset_names(handle: Any) -> list[str]:
+    import h5py
+
+    names: list[str] = []
+    handle.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
+    return names
+
+
+def hdf5_dataset_names(path: str | os.PathLike, role: str = "file") -> list[str]:
+    """Paths of every dataset in an HDF5 file (one-line DataError for a missing / unreadable file)."""
+    with open_hdf5(path, role=role) as handle:
+        return _dataset_names(handle)
+
+
+def open_hdf5_volume(
+    path: str | os.PathLike,
+    key: str | None = None,
+    *,
+    default_key: str | None = None,
+    hint: str | None = None,
+    role: str = "file",
+) -> LazyVolume:
+    """Opens one HDF5 dataset lazily: the one HDF5 reader of MeLeCoLe (any file suffix).
+
+    Args:
+        path: the file.
+        key: the dataset; None = ``default_key`` if the file has it, else the file's only dataset.
+        default_key: see ``key``.
+        hint: what chooses the key (a config field or flag, e.g. "DATASET.RAW_KEY"), named in errors.
+        role: names the file in errors ("file", "ground truth file", ...).
+
+    Raises:
+        DataError: missing or unreadable file, missing key (the message lists the datasets), or no
+            unambiguous dataset.
+    """
+    import h5py
+
+    path = Path(path)
+    with open_hdf5(path, role=role) as handle:
+        datasets = _dataset_names(handle)
+        listed = ", ".join(sorted(datasets)) or "none"
+        where = f" ({hint})" if hint else ""
         if key is None:
             if default_key is not None and default_key in datasets:
                 key = default_key
             elif len(datasets) == 1:
                 key = datasets[0]
             else:
-                wanted = f"key '{default_key}' not found and " if default_key else ""
+                wanted = f"key '{default_key}'{where} not found and " if default_key else ""
                 raise DataError(
-                    f"file '{path}': {wanted}the file has {len(datasets)} datasets "
-                    f"({', '.join(sorted(datasets)) or 'none'}); name one as {path}:KEY"
+                    f"{role} '{path}': {wanted}the file has {len(datasets)} datasets ({listed}); "
+                    f"name one as {path}:KEY"
                 )
         if key not in datasets:
-            raise DataError(
-                f"file '{path}': key '{key}' not found; the file has: {', '.join(sorted(datasets)) or 'none'}"
-            )
+            raise DataError(f"{role} '{path}': key '{key}' not found{where}; the file has keys: {listed}")
         node = handle[key]
         shape, dtype = node.shape, node.dtype
         chunks = node.chunks or shape
@@ -318,10 +366,17 @@ def _open_hdf5(parsed: VolumeURL, default_key: str | None) -> LazyVolume:
 
     def reader(slices: Index) -> np.ndarray:
         # One open per read: no file handle outlives a call, and reads from server threads are safe.
-        with h5py.File(path, "r") as file:
-            return file[key][slices]
+        try:
+            with h5py.File(path, "r") as file:
+                return file[key][slices]
+        except (OSError, RuntimeError) as error:  # h5py raises these for corrupt / truncated data
+            raise DataError(f"{role} '{path}': cannot read '{key}'{where}: {error}") from None
 
     return LazyVolume(reader, shape, dtype, chunks=chunks, url=f"{path}:{key}", resolution=resolution)
+
+
+def _open_hdf5(parsed: VolumeURL, default_key: str | None) -> LazyVolume:
+    return open_hdf5_volume(parsed.path, parsed.key, default_key=default_key)
 
 
 def _zarr_major() -> int:

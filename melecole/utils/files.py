@@ -44,21 +44,3 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
 
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
-
-
-def open_hdf5(path: str | os.PathLike, role: str = "file"):
-    """Opens an HDF5 file for reading; a missing or non-HDF5 file is a one-line DataError.
-
-    ``role`` names the file in the message (e.g. "ground-truth file").
-    """
-    import h5py
-
-    from melecole.errors import DataError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{role} '{path}' does not exist")
-    try:
-        return h5py.File(path, "r")
-    except OSError:
-        raise DataError(f"{role} '{path}' is not a readable HDF5 file") from None

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from melecole.errors import DataError
-from melecole.io.volumes import LazyVolume, open_volume, parse_volume_url
+from melecole.io import LazyVolume, crop_per_side, open_volume, parse_volume_url, symmetric_padding
 
 __all__ = [
     "DEFAULT_KEYS",
@@ -122,13 +122,13 @@ def infer_padding(raw_shape: Sequence[int], label_shape: Sequence[int]) -> tuple
     Raises:
         DataError: the raw is smaller than the labels or larger by an odd number of voxels.
     """
-    difference = [int(r) - int(s) for r, s in zip(raw_shape[-3:], label_shape[-3:])]
-    if min(difference) < 0 or any(d % 2 for d in difference):
+    padding = symmetric_padding(raw_shape[-3:], label_shape[-3:])
+    if padding is None:
         raise DataError(
             f"raw shape {tuple(raw_shape)} is not the label shape {tuple(label_shape)} plus the same "
             "padding on both sides; pass --padding Z Y X"
         )
-    return tuple(d // 2 for d in difference)  # type: ignore[return-value]
+    return padding  # type: ignore[return-value]
 
 
 def crop_to_labels(
@@ -151,15 +151,14 @@ def crop_to_labels(
     if spatial == label_shape:
         return array
     if spatial == padded:
-        window = (Ellipsis,) + tuple(slice(int(p), int(p) + s) for p, s in zip(padding, label_shape))
-        return array.crop(window) if isinstance(array, LazyVolume) else array[window]
+        return crop_per_side(array, padding)
     expected = f"{label_shape} (the labels)"
     if any(padding):
         expected += f" or {padded} (labels + 2 * padding {list(padding)})"
     hint = ""
-    difference = [s - t for s, t in zip(spatial, label_shape)]
-    if min(difference) >= 0 and not any(d % 2 for d in difference):
-        hint = f"; for raw padded on each side pass --padding {' '.join(str(d // 2) for d in difference)}"
+    guess = symmetric_padding(spatial, label_shape)
+    if guess is not None:
+        hint = f"; for raw padded on each side pass --padding {' '.join(str(p) for p in guess)}"
     raise DataError(f"{name} has shape {tuple(array.shape)}; expected spatial shape {expected}{hint}")
 
 

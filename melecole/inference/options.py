@@ -1,0 +1,217 @@
+"""Inference options: built once from the config, frozen, passed down.
+
+Only :func:`build_predict_options` and :func:`build_segment_options` read the config; every other
+inference function takes these objects (or plain arguments), so a test or another scheduler can
+drive prediction and segmentation without a config. The cache fingerprint of stored predictions is
+:meth:`PredictOptions.fingerprint` plus the checkpoint's content hash (:mod:`melecole.inference.outputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+from melecole.errors import ConfigError
+
+__all__ = [
+    "PredictOptions",
+    "SegmentOptions",
+    "build_predict_options",
+    "build_segment_options",
+    "default_stride",
+    "offset_reach",
+    "resolve_windows",
+]
+
+Triplet = tuple[int, int, int]
+
+
+def offset_reach(offsets: Sequence[Sequence[int]]) -> Triplet:
+    """Largest |offset| per axis (z, y, x): the context a voxel's affinities need."""
+    return tuple(max(abs(int(o[axis])) for o in offsets) for axis in range(3))  # type: ignore[return-value]
+
+
+def default_stride(window: Sequence[int], margin: Sequence[int], offsets: Sequence[Sequence[int]]) -> list[int]:
+    """Half the window, lowered where needed so that every pair lies in one cropped window.
+
+    Coverage needs stride <= window - 2 * margin - max |offset| along each axis; the result is at
+    least 1 (if even 1 is too large, prediction reports the axis).
+    """
+    reach = offset_reach(offsets)
+    return [max(1, min(w // 2, w - 2 * m - r)) for w, m, r in zip(window, margin, reach)]
+
+
+def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:
+    """(window, stride, margin) from INFERENCE.* / MODEL.INPUT_SIZE, checked.
+
+    Window: INFERENCE.WINDOW_SIZE or MODEL.INPUT_SIZE; it must suit the UNet's downsampling.
+    Stride: INFERENCE.STRIDE, or half the window, lowered where needed so that every affinity pair
+    lies in one cropped window (stride <= window - 2 * margin - max |offset| per axis).
+
+    Raises:
+        ConfigError: the window does not suit the model, or stride/margin leave pairs uncovered.
+    """
+    window = list(cfg.INFERENCE.WINDOW_SIZE) or list(cfg.MODEL.INPUT_SIZE)
+    z_factor = 2 ** sum(bool(p) for p in cfg.MODEL.POOL_Z)
+    xy_factor = 2 ** (len(cfg.MODEL.FILTERS) - 1)
+    if window[0] % z_factor or window[1] % xy_factor or window[2] % xy_factor:
+        raise ConfigError(
+            f"INFERENCE.WINDOW_SIZE {window} must be divisible by ({z_factor}, {xy_factor}, {xy_factor}), "
+            f"the downsampling of MODEL.FILTERS/MODEL.POOL_Z"
+        )
+    margin = list(cfg.INFERENCE.MARGIN)
+    reach = offset_reach(cfg.INFERENCE.OFFSETS)
+    limit = [w - 2 * m - r for w, m, r in zip(window, margin, reach)]
+    if cfg.INFERENCE.STRIDE:
+        stride = list(cfg.INFERENCE.STRIDE)
+        bad = [a for a in range(3) if stride[a] > limit[a]]
+    else:
+        stride = default_stride(window, margin, cfg.INFERENCE.OFFSETS)
+        bad = [a for a in range(3) if limit[a] < 1]
+    if bad:
+        raise ConfigError(
+            "INFERENCE.STRIDE/INFERENCE.MARGIN: every affinity pair must lie inside one cropped window, "
+            "so stride <= window - 2 * margin - max |offset| per axis; "
+            + "; ".join(
+                f"{'zyx'[a]}: stride {stride[a]}, window {window[a]}, margin {margin[a]}, max offset {reach[a]}"
+                for a in bad
+            )
+        )
+    return window, stride, margin
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How a checkpoint's model is run over a volume and its embeddings turned into affinities.
+
+    Attributes:
+        window, stride, margin: sliding-window geometry (z, y, x); see :func:`resolve_windows`.
+        offsets: C affinity offsets (dz, dy, dx).
+        delta_d, norm: embeddings -> affinities (LOSS.DELTA_D, LOSS.NORM).
+        blending: per-window weight profile (gaussian | bump | constant).
+        batch_size: windows per forward pass.
+        device: where the model runs ("cpu", "cuda:0").
+        amp: autocast (float16) on CUDA.
+        num_threads: CPU threads for torch (HARDWARE.NUM_THREADS; 0 = auto).
+    """
+
+    window: Triplet
+    stride: Triplet
+    margin: Triplet
+    offsets: tuple[Triplet, ...]
+    delta_d: float
+    norm: Literal["l1", "l2"] = "l2"
+    blending: str = "gaussian"
+    batch_size: int = 4
+    device: str = "cpu"
+    amp: bool = False
+    num_threads: int = 0
+
+    @property
+    def reach(self) -> Triplet:
+        """Largest |offset| per axis."""
+        return offset_reach(self.offsets)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def predict_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`melecole.inference.sliding_window.predict_volume`."""
+        return dict(
+            window=list(self.window),
+            stride=list(self.stride),
+            margin=list(self.margin),
+            offsets=[list(o) for o in self.offsets],
+            delta_d=self.delta_d,
+            norm=self.norm,
+            blending=self.blending,
+            batch_size=self.batch_size,
+            device=self.torch_device,
+            amp=self.amp,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What stored affinities depend on (JSON-able); batch size, device and threads do not change
+        the values beyond float rounding and are left out."""
+        return {
+            "offsets": [list(o) for o in self.offsets],
+            "window": list(self.window),
+            "stride": list(self.stride),
+            "margin": list(self.margin),
+            "blending": self.blending,
+            "norm": self.norm,
+            "delta_d": self.delta_d,
+            "amp": self.amp,
+        }
+
+    def configure_threads(self) -> None:
+        """Sets torch's CPU threads for this prediction (HARDWARE.NUM_THREADS semantics)."""
+        from melecole.utils.device import configure_threads
+
+        configure_threads(self.torch_device, self.num_threads)
+
+
+def build_predict_options(cfg: Any) -> PredictOptions:
+    """The prediction options of a merged config (resolves the device: CUDA when available)."""
+    from melecole.utils.device import resolve_device
+
+    window, stride, margin = resolve_windows(cfg)
+    device = resolve_device(cfg.HARDWARE.DEVICE)
+    return PredictOptions(
+        window=tuple(window),
+        stride=tuple(stride),
+        margin=tuple(margin),
+        offsets=tuple(tuple(int(v) for v in o) for o in cfg.INFERENCE.OFFSETS),
+        delta_d=float(cfg.LOSS.DELTA_D),
+        norm=cfg.LOSS.NORM,
+        blending=cfg.INFERENCE.BLENDING,
+        batch_size=int(cfg.INFERENCE.BATCH_SIZE),
+        device=str(device),
+        amp=bool(cfg.HARDWARE.AMP and device.type == "cuda"),
+        num_threads=int(cfg.HARDWARE.NUM_THREADS),
+    )
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Mutex watershed and post-processing of stored affinities.
+
+    Attributes:
+        offsets: the affinity channels' offsets (nearest neighbours first).
+        background: voxels with foreground probability below it are background (INFERENCE.MWS_BACKGROUND).
+        strides: mutex-edge strides (z, y, x); randomized: random instead of regular strides.
+        min_segment_size: segments smaller than this (voxels) are removed.
+        fill_background: background voxels take the nearest segment's id.
+    """
+
+    offsets: tuple[Triplet, ...]
+    background: float = 0.5
+    strides: Triplet = (1, 1, 1)
+    randomized: bool = False
+    min_segment_size: int = 0
+    fill_background: bool = False
+
+    def attrs(self, background: float | None = None) -> dict[str, Any]:
+        """The settings as HDF5 dataset attributes (``background`` overrides the threshold)."""
+        return {
+            "background_threshold": self.background if background is None else background,
+            "strides": list(self.strides),
+            "randomized_strides": self.randomized,
+            "min_segment_size": self.min_segment_size,
+            "fill_background": self.fill_background,
+        }
+
+
+def build_segment_options(cfg: Any) -> SegmentOptions:
+    """The segmentation options of a merged config (INFERENCE.*)."""
+    return SegmentOptions(
+        offsets=tuple(tuple(int(v) for v in o) for o in cfg.INFERENCE.OFFSETS),
+        background=float(cfg.INFERENCE.MWS_BACKGROUND),
+        strides=tuple(int(s) for s in cfg.INFERENCE.MWS_STRIDES),
+        randomized=bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
+        min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
+        fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
+    )
