@@ -5,7 +5,7 @@ Run: ``python bench/stress_distributed.py [--runs 30] [--iterations 3]``.
 Each run, on a tiny volume in a temporary folder:
   1. python melecole/train_distributed.py --config tiny.yaml HARDWARE.NUM_GPUS 2 HARDWARE.DEVICE cpu
   2. python melecole/train.py --config tiny.yaml --supervised_checkpoint <run>/checkpoints/last.pt
-  3. python infer.py --split val --config tiny.yaml --checkpoint <that last.pt>   (if infer.py exists)
+  3. python infer.py --split val --config tiny.yaml --checkpoint <that last.pt>
 A run fails when a command exits non-zero (a worker killed by SIGABRT while exiting counts) or the
 distributed run leaves no last.pt. Prints one line per run and the number of failed runs.
 """
@@ -80,11 +80,10 @@ def one_run(index: int, folder: Path, config: Path, environment: dict[str, str])
                   "OPTIM.TOTAL_ITER", "1", "LOG.RUN_NAME", f"fine-tune{index:02d}"], environment)
     if result.returncode != 0:
         return f"train.py exit {result.returncode}: {result.stderr.strip()[-400:]}"
-    if (REPO / "infer.py").is_file():
-        command = ["infer.py", "--split", "val", "--config", str(config), "--checkpoint", str(last)]
-        result = run(command, environment)
-        if result.returncode != 0:
-            return f"infer.py exit {result.returncode}: {result.stderr.strip()[-400:]}"
+    command = ["infer.py", "--split", "val", "--config", str(config), "--checkpoint", str(last)]
+    result = run(command, environment)
+    if result.returncode != 0:
+        return f"infer.py exit {result.returncode}: {result.stderr.strip()[-400:]}"
     return None
 
 
@@ -101,8 +100,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="melecole-stress-") as temporary:
         folder = Path(temporary)
         config = write_tiny_config(folder, args.iterations)
-        infer = "present" if (REPO / "infer.py").is_file() else "absent: step 3 skipped"
-        print(f"infer.py {infer}", flush=True)
         for index in range(args.runs):
             start = time.perf_counter()
             problem = one_run(index, folder, config, environment)

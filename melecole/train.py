@@ -2,22 +2,17 @@
 
     python melecole/train.py --config configs/SNEMI3D-UNet3D.yaml [--supervised_checkpoint CKPT]
                              [--resume RUN_DIR_OR_CKPT] [KEY VALUE ...]
+
+The same as the ``melecole-train`` console script (:func:`melecole.engine.cli.train_main`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from melecole.engine.launch import build_train_parser, train_from_args
-from melecole.utils.cli import run_cli
+from melecole.engine.cli import train_main as main
 
-
-@run_cli
-def main(argv: list[str] | None = None) -> int:
-    args = build_train_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
-    train_from_args(args)
-    return 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,22 +9,18 @@ that launch; several nodes, e.g. 2 nodes with 4 GPUs each (run on every node, NO
 
     torchrun --nnodes 2 --nproc_per_node 4 --node_rank NODE_RANK --master_addr HOST_OF_NODE_0 \\
         --master_port 29500 melecole/train_distributed.py --config configs/SNEMI3D-UNet3D.yaml
+
+The same as the ``melecole-train-distributed`` console script
+(:func:`melecole.engine.cli.train_distributed_main`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from melecole.engine.distributed import train_distributed
-from melecole.engine.launch import build_train_parser
-from melecole.utils.cli import run_cli
+from melecole.engine.cli import train_distributed_main as main
 
-
-@run_cli
-def main(argv: list[str] | None = None) -> int:
-    args = build_train_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
-    return train_distributed(args)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

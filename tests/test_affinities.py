@@ -19,7 +19,7 @@ OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [-2, 0, 0], [0, -2, 1], [1, 0, -3
 
 
 def _direct(embedding: np.ndarray, offsets, delta_d: float, norm: str) -> np.ndarray:
-    """Per-voxel loop: the formula exactly as DESIGN.md states it."""
+    """Per-voxel loop: the formula exactly as docs/ARCHITECTURE.md states it."""
     shape = embedding.shape[1:]
     out = np.full((len(offsets),) + shape, np.nan)
     for channel, offset in enumerate(offsets):

@@ -15,12 +15,13 @@ import torch
 
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import load_checkpoint, unwrap_model
-from melecole.engine.distributed import (
-    FAIL_HOOK_VARIABLE,
+from melecole.engine.cli import build_train_parser, train_distributed
+from melecole.engine.launch import (
     is_torchrun_environment,
     launch,
     select_backend,
 )
+from melecole.errors import MeLeCoLeError
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = (8, 32, 32)
@@ -138,20 +139,34 @@ def run_script(script: str, *args: str, env: dict[str, str] | None = None) -> su
                           timeout=600, env=environment)
 
 
-def test_failing_rank_stops_the_launch(tmp_path):
+def _failing_worker(args) -> None:
+    """A training worker whose rank 1 raises at iteration 1 while rank 0 waits in the all-reduce."""
+    from melecole.engine.trainer import Trainer
+
+    class FailingTrainer(Trainer):
+        def run_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+            if self.rank == 1 and self.iteration >= 1:
+                raise MeLeCoLeError(f"rank 1 fails at iteration {self.iteration} (test worker)")
+            return super().run_step(batch)
+
+    FailingTrainer(load_cfg(args.config, args.opts)).train()
+
+
+def test_failing_rank_stops_the_launch(tmp_path, capsys, monkeypatch):
     config = tmp_path / "tiny.yaml"
     config.write_text(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "50"})).dump())
+    monkeypatch.setenv("MELECOLE_DIST_TIMEOUT", "300")
+    args = build_train_parser("test").parse_args(["--config", str(config), "HARDWARE.NUM_GPUS", "2"])
     start = time.monotonic()
-    # rank 1 raises at iteration 1 while rank 0 waits for it in the gradient all-reduce
-    result = run_script("melecole/train_distributed.py", "--config", str(config), "HARDWARE.NUM_GPUS", "2",
-                        env={FAIL_HOOK_VARIABLE: "1:1", "MELECOLE_DIST_TIMEOUT": "300"})
+    exit_code = train_distributed(args, worker=_failing_worker)
     elapsed = time.monotonic() - start
+    stderr = capsys.readouterr().err
     assert elapsed < 60, elapsed
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    expected = "error: rank 1: rank 1 fails at iteration 1 (MELECOLE_TEST_FAIL_RANK test hook)"
-    assert errors == [expected], result.stderr
-    assert "Traceback" not in result.stderr
+    assert exit_code == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    expected = "error: rank 1: rank 1 fails at iteration 1 (test worker)"
+    assert errors == [expected], stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.slow
@@ -174,6 +189,97 @@ def test_train_distributed_cli_then_train_and_infer(tmp_path):
     result = run_script("melecole/train.py", "--config", str(config), "--supervised_checkpoint", str(last),
                         "OPTIM.TOTAL_ITER", "1", "LOG.RUN_NAME", "fine-tune")
     assert result.returncode == 0, result.stderr
-    if (REPO / "infer.py").is_file():
-        result = run_script("infer.py", "--split", "val", "--config", str(config), "--checkpoint", str(last))
-        assert result.returncode == 0, result.stderr
+    result = run_script("infer.py", "--split", "val", "--config", str(config), "--checkpoint", str(last))
+    assert result.returncode == 0, result.stderr
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """Worker processes (multiprocessing spawn children) of process ``parent``, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an exited process nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_stopping_the_launcher_stops_its_workers(tmp_path, signal_name):
+    """kill -9 of the launcher: its workers are gone within 30 s. SIGTERM (SLURM, docker stop):
+    the launcher passes it on, rank 0 saves last.pt, everything leaves like after Ctrl-C."""
+    import signal
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "100000",
+                                                             "LOG.VAL_FREQUENCY": "0"})).dump())
+    environment = {name: value for name, value in os.environ.items() if name not in ("RANK", "WORLD_SIZE")}
+    launcher = subprocess.Popen([sys.executable, "melecole/train_distributed.py", "--config", str(config),
+                                 "HARDWARE.NUM_GPUS", "2"], cwd=REPO, env=environment,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            logs = list((tmp_path / "runs").glob("*/log.txt"))
+            if logs and "iter 2/" in logs[0].read_text():
+                break
+            time.sleep(0.3)
+        workers = _worker_pids(launcher.pid)
+        assert len(workers) == 2, workers
+        launcher.send_signal(getattr(signal, signal_name))
+        stderr = launcher.communicate(timeout=90)[1]
+        start = time.monotonic()
+        while any(_alive(pid) for pid in workers) and time.monotonic() - start < 30:
+            time.sleep(0.5)
+        assert not any(_alive(pid) for pid in workers), f"workers alive {time.monotonic() - start:.0f} s later"
+        if signal_name == "SIGTERM":
+            assert launcher.returncode == 130 and "Traceback" not in stderr, stderr
+            (run,) = (tmp_path / "runs").iterdir()
+            assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] >= 2
+            assert "interrupted at iteration" in (run / "log.txt").read_text()
+    finally:  # never leave a training process behind, whatever failed
+        for pid in workers or _worker_pids(launcher.pid):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_watch_parent_stops_an_orphaned_worker():
+    import signal
+
+    child = ("import os, time\nfrom melecole.engine.launch import watch_parent\n"
+             "watch_parent(os.getppid())\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    parent = ("import subprocess, sys, time\n"
+              f"child = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+              "print(child.pid, flush=True)\ntime.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    worker = int(process.stdout.readline())
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        assert _alive(worker)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        start = time.monotonic()
+        while _alive(worker) and time.monotonic() - start < 10:
+            time.sleep(0.2)
+        assert not _alive(worker), "the orphaned worker still runs 10 s after its launcher died"
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()

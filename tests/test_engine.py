@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from tiny_data import make_tiny_train_opts as tiny_opts
+from tiny_data import write_box_volume as write_volume
 
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import load_checkpoint
@@ -18,53 +19,6 @@ from melecole.engine.trainer import Trainer, resume_config
 from melecole.errors import CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_volume(path: Path, shape=(12, 40, 40), seed=0, raw_shape=None) -> None:
-    """Boxes of random ids separated by dark 1-voxel membranes; raw follows the labels."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros(shape, np.uint32)
-    step = 8
-    next_id = 1
-    for z in range(0, shape[0], 6):
-        for y in range(0, shape[1], step):
-            for x in range(0, shape[2], step):
-                labels[z:z + 6, y + 1:y + step, x + 1:x + step] = next_id
-                next_id += 1
-    raw = np.where(labels > 0, 180, 40).astype(np.uint8) + rng.integers(0, 30, shape, dtype=np.uint8)
-    if raw_shape is not None:
-        raw = rng.integers(0, 255, raw_shape, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        handle["volume"] = raw
-        handle["labels"] = labels
-
-
-def tiny_opts(tmp_path: Path, **extra) -> list[str]:
-    for split, seed in (("train", 0), ("val", 1)):
-        write_volume(tmp_path / "data" / split / f"{split}.hdf", seed=seed)
-    opts = {
-        "DATASET.DATA_ROOT": str(tmp_path / "data"),
-        "MODEL.INPUT_SIZE": "[8, 32, 32]",
-        "MODEL.FILTERS": "[4, 8]",
-        "MODEL.POOL_Z": "[False]",
-        "MODEL.NORM_GROUPS": "2",
-        "MODEL.EMBEDDING_DIMENSION": "4",
-        "OPTIM.TOTAL_ITER": "6",
-        "OPTIM.BATCH_SIZE": "2",
-        "HARDWARE.NUM_WORKERS": "0",
-        "HARDWARE.DEVICE": "cpu",
-        "LOG.OUTPUT_PATH": str(tmp_path / "runs"),
-        "LOG.CHECKPOINT_FREQUENCY": "3",
-        "LOG.VAL_FREQUENCY": "3",
-        "LOG.VAL_PATCHES": "2",
-        "LOG.IMAGE_FREQUENCY": "3",
-        "LOG.LOG_FREQUENCY": "1",
-        "LOG.PROGRESS_BAR": "False",
-        "AUGMENTATION.ELASTIC.P": "0.0",
-    }
-    opts.update(extra)
-    return [item for pair in opts.items() for item in pair]
 
 
 def test_lr_schedule_shapes():
@@ -78,7 +32,7 @@ def test_lr_schedule_shapes():
 def test_train_writes_run_folder_and_loss_decreases(tmp_path):
     cfg = load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "30", "OPTIM.INITIAL_LR": "0.01"}))
     trainer = Trainer(cfg)
-    history = trainer.train()
+    history = trainer.train(keep_history=True)
     run = trainer.run_dir
     assert run.parent == tmp_path / "runs" and run.name.startswith("run-")
     for name in ("config.yaml", "log.txt", "checkpoints/last.pt", "checkpoints/iter_30.pt", "checkpoints/iter_3.pt"):
@@ -100,18 +54,18 @@ def test_train_writes_run_folder_and_loss_decreases(tmp_path):
 def test_resume_is_exact(tmp_path, workers):
     opts = tiny_opts(tmp_path, **{"HARDWARE.NUM_WORKERS": str(workers), "OPTIM.TOTAL_ITER": "6"})
     reference = Trainer(load_cfg(None, opts), run_dir=tmp_path / "reference")
-    reference.train()
+    reference_history = reference.train(keep_history=True)
 
     interrupted = Trainer(load_cfg(None, opts), run_dir=tmp_path / "interrupted")
     interrupted.train(stop_at=3)  # checkpoint at iteration 3 (LOG.CHECKPOINT_FREQUENCY)
     cfg, checkpoint = resume_config(tmp_path / "interrupted" / "checkpoints" / "iter_3.pt")
     resumed = Trainer(cfg, resume_checkpoint=checkpoint)
     assert resumed.iteration == 3 and resumed.run_dir == (tmp_path / "interrupted").resolve()
-    resumed.train()
+    resumed_history = resumed.train(keep_history=True)
     for (name, expected), actual in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-7, msg=name)
     assert reference.optimizer.param_groups[0]["lr"] == pytest.approx(resumed.optimizer.param_groups[0]["lr"])
-    assert [h["loss"] for h in reference.history[3:]] == pytest.approx([h["loss"] for h in resumed.history], abs=1e-6)
+    assert [h["loss"] for h in reference_history[3:]] == pytest.approx([h["loss"] for h in resumed_history], abs=1e-6)
 
 
 def test_supervised_checkpoint_shape_mismatch_lists_keys(tmp_path):
@@ -192,3 +146,225 @@ def test_bad_volumes_are_named(tmp_path):
     write_volume(tmp_path / "data" / "train" / "train.hdf")
     with pytest.raises(DataError, match=r"train.hdf.*'raw'"):
         Trainer(load_cfg(None, opts + ["DATASET.RAW_KEY", "raw"])).train()
+
+
+# ------------------------------------------------------------------------------------------------
+# Logs, resume safety, termination, leftovers (issues 9 and 12)
+# ------------------------------------------------------------------------------------------------
+def write_config(tmp_path: Path, **extra: str) -> Path:
+    """A tiny run's full config as a yaml file (data under tmp_path/data, runs under tmp_path/runs)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(load_cfg(None, tiny_opts(tmp_path, **extra)).dump())
+    return config
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (relative path -> digest)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_redirected_stderr_gets_no_carriage_return_progress(tmp_path, capfd):
+    """stderr captured into a file (not a terminal): LOG.PROGRESS_BAR auto writes no bar updates."""
+    from melecole.engine.cli import train_main
+
+    config = write_config(tmp_path, **{"OPTIM.TOTAL_ITER": "2", "LOG.VAL_FREQUENCY": "0"})
+    for setting, expect_bar in (("auto", False), ("true", True)):
+        assert train_main(["--config", str(config), "LOG.PROGRESS_BAR", setting]) == 0
+        captured = capfd.readouterr()
+        assert ("\r" in captured.err) == expect_bar, (setting, captured.err[:500])
+        assert "iter 2/2" in captured.out  # the periodic log lines are there either way
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from melecole.engine.cli import train_main
+
+    trainer = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "1", "LOG.VAL_FREQUENCY": "0"})))
+    trainer.train()
+    user = tmp_path / "P"
+    (user / "models").mkdir(parents=True)
+    (user / "config.yaml").write_text("mine\n")
+    (user / "models" / "model.pt").write_bytes((trainer.run_dir / "checkpoints" / "last.pt").read_bytes())
+    before = folder_hashes(user)
+    assert train_main(["--resume", str(user / "models" / "model.pt"), "OPTIM.TOTAL_ITER", "2"]) == 2
+    one_line_error(capsys, "model.pt", "not inside a run folder")
+    assert folder_hashes(user) == before and sorted(p.name for p in user.iterdir()) == ["config.yaml", "models"]
+    # a checkpoints/ folder beside a config.yaml that this library did not write is no run either
+    (user / "models").rename(user / "checkpoints")
+    before = folder_hashes(user)
+    assert train_main(["--resume", str(user / "checkpoints" / "model.pt"), "OPTIM.TOTAL_ITER", "2"]) == 2
+    one_line_error(capsys, "model.pt", "not inside a run folder")
+    assert folder_hashes(user) == before and sorted(p.name for p in user.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+def test_resume_never_overwrites_later_checkpoints_or_a_finished_run(tmp_path, capsys):
+    from melecole.engine.cli import train_main
+
+    trainer = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"LOG.VAL_FREQUENCY": "0"})))  # 6 iterations
+    trainer.train()
+    run = trainer.run_dir
+    before = folder_hashes(run)
+    # an older checkpoint while iter_6.pt exists
+    assert train_main(["--resume", str(run / "checkpoints" / "iter_3.pt")]) == 2
+    one_line_error(capsys, "iter_3.pt", "iter_6.pt")
+    # nothing to do: a lower or equal OPTIM.TOTAL_ITER
+    for total in ("3", "6"):
+        assert train_main(["--resume", str(run), "OPTIM.TOTAL_ITER", total]) == 0
+        assert "nothing to do" in capsys.readouterr().err
+    # --config beside --resume is not silently ignored
+    other = write_config(tmp_path / "other")
+    assert train_main(["--resume", str(run), "--config", str(other)]) == 2
+    one_line_error(capsys, "--config", "--resume")
+    assert folder_hashes(run) == before
+
+
+def test_checkpoint_with_a_non_integer_iteration_is_refused(tmp_path, capsys):
+    from melecole.engine.cli import train_main
+
+    trainer = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "1", "LOG.VAL_FREQUENCY": "0"})))
+    trainer.train()
+    path = trainer.run_dir / "checkpoints" / "last.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["iteration"] = "1"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=r"last.pt': iteration is '1' \(str\), expected an integer >= 0"):
+        load_checkpoint(path)
+    assert train_main(["--resume", str(path), "OPTIM.TOTAL_ITER", "2"]) == 2
+    one_line_error(capsys, "last.pt", "iteration is '1'")
+
+
+def test_restart_removes_stale_temporary_files_of_the_library_only(tmp_path):
+    opts = tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "2", "LOG.VAL_FREQUENCY": "0", "LOG.CHECKPOINT_FREQUENCY": "1"})
+    trainer = Trainer(load_cfg(None, opts))
+    trainer.train()
+    run = trainer.run_dir
+    stale = [run / "checkpoints" / ".last.pt.k2j_x9.tmp", run / "checkpoints" / ".iter_3.pt.abc123.tmp",
+             run / ".config.yaml.zz9.tmp"]
+    foreign = [run / ".notes.tmp", run / "checkpoints" / ".mine.pt.tmp"]
+    for path in stale + foreign:
+        path.write_bytes(b"partial")
+    cfg, checkpoint = resume_config(run, ["OPTIM.TOTAL_ITER", "3"])
+    Trainer(cfg, resume_checkpoint=checkpoint).train()
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_bytes() == b"partial" for path in foreign)
+    assert "removed 3 stale temporary file(s)" in (run / "log.txt").read_text()
+
+
+def test_data_errors_leave_no_run_folder_and_later_errors_reach_log_txt(tmp_path):
+    opts = tiny_opts(tmp_path, **{"LOG.VAL_FREQUENCY": "0"})
+    write_volume(tmp_path / "data" / "train" / "train.hdf", raw_shape=(12, 41, 40))
+    with pytest.raises(DataError, match="train.hdf"):
+        Trainer(load_cfg(None, opts))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    write_volume(tmp_path / "data" / "train" / "train.hdf")
+
+    class FailingTrainer(Trainer):
+        def run_step(self, batch):
+            if self.iteration == 2:
+                raise DataError("train.hdf: broken patch at iteration 2")
+            return super().run_step(batch)
+
+    trainer = FailingTrainer(load_cfg(None, opts))
+    with pytest.raises(DataError):
+        trainer.train()
+    log = (trainer.run_dir / "log.txt").read_text()
+    assert "ERROR training stopped at iteration 2: train.hdf: broken patch at iteration 2" in log
+    assert "run " in log.splitlines()[0]  # what was logged before the folder existed is in log.txt too
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_pt_that_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import time
+
+    extra = {"OPTIM.TOTAL_ITER": "200", "OPTIM.SCHEDULER": "constant", "LOG.VAL_FREQUENCY": "0",
+             "LOG.IMAGE_FREQUENCY": "0", "LOG.CHECKPOINT_FREQUENCY": "1000"}
+    config = write_config(tmp_path, **extra)
+    process = subprocess.Popen([sys.executable, "melecole/train.py", "--config", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        logs = list((tmp_path / "runs").glob("*/log.txt"))
+        if logs and "iter 3/200" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
+    stopped = checkpoint["iteration"]
+    assert 3 <= stopped < 200 and not list(run.rglob("*.tmp"))
+    assert "interrupted at iteration" in (run / "log.txt").read_text()
+
+    cfg, checkpoint = resume_config(run)
+    resumed = Trainer(cfg, resume_checkpoint=checkpoint)
+    resumed.train(stop_at=stopped + 2)
+    straight = Trainer(load_cfg(config), run_dir=tmp_path / "straight")
+    straight.train(stop_at=stopped + 2)
+    for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-7, msg=name)
+    assert os.environ.get("OMP_NUM_THREADS") == "1"  # both processes computed with one thread
+
+
+def test_progress_helpers_choose_bar_or_log_lines(caplog):
+    import logging
+
+    from melecole.utils.progress import LogProgress, progress_bar, progress_enabled
+
+    assert progress_enabled("true") and progress_enabled(True)
+    assert not progress_enabled("false") and not progress_enabled(False)
+    assert progress_enabled("auto") == sys.stderr.isatty() == progress_enabled(None)
+    with pytest.raises(ValueError, match="auto, true, false"):
+        progress_enabled("sometimes")
+    logger = logging.getLogger("test-progress")
+    with caplog.at_level(logging.INFO, logger="test-progress"):
+        items = list(progress_bar(range(5), desc="windows", enabled="false", log_interval_s=0.0, logger=logger))
+    assert items == [0, 1, 2, 3, 4]
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("windows: 1/5 (") and lines[-1].startswith("windows: 5/5 (")
+    quiet = progress_bar(total=3, enabled=False, log_interval_s=None)
+    assert isinstance(quiet, LogProgress)
+    quiet.update(3)
+    quiet.close()
+
+
+def test_unwritable_output_path_is_one_line(tmp_path, capsys):
+    from melecole.engine.cli import train_main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = write_config(tmp_path, **{"OPTIM.TOTAL_ITER": "1", "LOG.OUTPUT_PATH": str(blocker / "runs")})
+    assert train_main(["--config", str(config)]) == 2
+    one_line_error(capsys, "LOG.OUTPUT_PATH", "file/runs", "expected a writable folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_console_scripts_point_at_the_entry_functions(tmp_path):
+    from importlib.metadata import entry_points
+
+    from melecole.engine.cli import train_distributed_main, train_main
+
+    scripts = {entry.name: entry for entry in entry_points(group="console_scripts")}
+    assert scripts["melecole-train"].load() is train_main
+    assert scripts["melecole-train-distributed"].load() is train_distributed_main
+    assert {name: scripts[name].value for name in ("melecole-infer", "melecole-evaluate", "melecole-view")} == {
+        "melecole-infer": "melecole.inference.cli:main",
+        "melecole-evaluate": "melecole.evaluation.cli:main",
+        "melecole-view": "melecole.visualization.cli:main",
+    }
+    script = Path(sys.executable).parent / "melecole-train"
+    result = subprocess.run([str(script), "--config", str(tmp_path / "missing.yaml")], capture_output=True,
+                            text=True, timeout=120)
+    assert_one_line_error(result, "missing.yaml", "not found")

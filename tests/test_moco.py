@@ -7,17 +7,16 @@ import json
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_data import write_box_volume as write_volume
 
 from melecole.config import load_cfg
 from melecole.data.views import SpatialTransform, TwoViewDataset, sample_view_pair
 from melecole.data.volume import read_volume
-from melecole.engine.checkpoint import load_checkpoint, unwrap_model
-from melecole.engine.moco_hooks import HEAD_PREFIXES
+from melecole.engine.checkpoint import HEAD_PREFIXES, load_checkpoint, unwrap_model
 from melecole.engine.trainer import Trainer, resume_config
 from melecole.errors import ConfigError
 from melecole.models import UNet3D
@@ -26,24 +25,6 @@ from melecole.models.moco import DenseMoCo, gather_voxels, info_nce, key_std, su
 
 def tiny_encoder() -> UNet3D:
     return UNet3D(filters=(4, 8), pool_z=(False,), embedding_dim=4, norm="group", norm_groups=2)
-
-
-def write_volume(path: Path, shape=(12, 40, 40), seed=0, labels: bool = True) -> None:
-    """Boxes of distinct ids separated by dark 1-voxel membranes; raw follows the labels."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros(shape, np.uint32)
-    next_id = 1
-    for z in range(0, shape[0], 6):
-        for y in range(0, shape[1], 8):
-            for x in range(0, shape[2], 8):
-                ids[z:z + 6, y + 1:y + 8, x + 1:x + 8] = next_id
-                next_id += 1
-    raw = np.where(ids > 0, 180, 40).astype(np.uint8) + rng.integers(0, 30, shape, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        handle["volume"] = raw
-        if labels:
-            handle["labels"] = ids
 
 
 def tiny_opts(tmp_path: Path, **extra: str) -> list[str]:
@@ -225,7 +206,8 @@ def test_forward_gives_gradients_to_online_network_only():
     moco = DenseMoCo(encoder, feature_channels=4, projection_dim=8, projection_hidden=8, queue_size=32)
     view = torch.rand(2, 1, 8, 16, 16)
     coords = torch.randint(0, 8, (2, 6, 3))
-    loss, terms = moco(encoder, view, view.clone(), coords, coords.clone())
+    moco.momentum_update(encoder)
+    loss, terms = moco(encoder.forward_features(view), view.clone(), coords, coords.clone())
     loss.backward()
     assert torch.isfinite(loss) and int(moco.queue_ptr) == 12
     assert encoder.stem[0].weight.grad is not None and encoder.stem[0].weight.grad.abs().sum() > 0
@@ -234,9 +216,9 @@ def test_forward_gives_gradients_to_online_network_only():
 
 
 def test_batch_norm_is_rejected(tmp_path):
-    cfg = load_cfg(None, tiny_opts(tmp_path, **{"MODEL.NORM": "batch"}))
-    with pytest.raises(ConfigError, match="MODEL.NORM"):
-        Trainer(cfg)
+    opts = tiny_opts(tmp_path, **{"MODEL.NORM": "batch"})
+    with pytest.raises(ConfigError, match="MODEL.NORM"):  # refused when the config is read
+        Trainer(load_cfg(None, opts))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,13 +231,13 @@ def test_batch_norm_is_rejected(tmp_path):
 def test_joint_training_runs_in_one_process(tmp_path, supervised):
     cfg = load_cfg(None, tiny_opts(tmp_path, **{"MOCO.SUPERVISED": str(supervised)}))
     trainer = Trainer(cfg)
-    history = trainer.train()
+    history = trainer.train(keep_history=True)
     assert len(history) == 4
     for scalars in history:
         assert math.isfinite(scalars["loss"]) and math.isfinite(scalars["moco_infonce"])
         assert "metric_loss" in scalars and 0.0 <= scalars["moco_key_std_ratio"] <= 2.0
-    assert int(trainer.moco.module.queue_ptr) == (4 * 2 * 8) % 40
-    assert trainer.moco.module.queue_filled.item() == 40
+    assert int(trainer.objective.moco.queue_ptr) == (4 * 2 * 8) % 40
+    assert trainer.objective.moco.queue_filled.item() == 40
     checkpoint = load_checkpoint(trainer.run_dir / "checkpoints" / "last.pt")
     assert "moco" in checkpoint and "queue" in checkpoint["moco"]
 
@@ -269,7 +251,7 @@ def test_pretrain_then_finetune_from_ssl_checkpoint(tmp_path):
                                   "LOG.RUN_NAME": "pretrain"})
     cfg = load_cfg(None, opts)
     pretrain = Trainer(cfg)
-    history = pretrain.train()
+    history = pretrain.train(keep_history=True)
     assert all("metric_loss" not in h and math.isfinite(h["moco_infonce"]) for h in history)
     ssl = pretrain.run_dir / "checkpoints" / "last.pt"
     pretrained = load_checkpoint(ssl)["model"]
@@ -295,7 +277,7 @@ def test_resume_restores_queue_pointer_and_momentum_encoder(tmp_path):
     cfg = load_cfg(None, tiny_opts(tmp_path))
     straight = Trainer(cfg)
     straight.train()
-    final_state = {k: v.clone() for k, v in straight.moco.state_dict().items()}
+    final_state = {k: v.clone() for k, v in straight.objective.moco.state_dict().items()}
 
     checkpoint_path = straight.run_dir / "checkpoints" / "iter_2.pt"
     saved = load_checkpoint(checkpoint_path)["moco"]
@@ -304,28 +286,29 @@ def test_resume_restores_queue_pointer_and_momentum_encoder(tmp_path):
     # Right after loading: queue, pointer, momentum network and projection heads are the saved ones.
     assert resumed.iteration == 2
     for name, value in saved.items():
-        torch.testing.assert_close(resumed.moco.state_dict()[name], value, rtol=0, atol=0)
-    assert int(resumed.moco.module.queue_ptr) == (2 * 2 * 8) % 40
+        torch.testing.assert_close(resumed.objective.moco.state_dict()[name], value, rtol=0, atol=0)
+    assert int(resumed.objective.moco.queue_ptr) == (2 * 2 * 8) % 40
     # ... and continuing gives the same final state as the uninterrupted run.
     resumed.train()
     for name, value in final_state.items():
-        torch.testing.assert_close(resumed.moco.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed.objective.moco.state_dict()[name], value, rtol=1e-5, atol=1e-6)
 
 
 def _ddp_worker(argument: tuple[list[str], str]) -> None:
     """One rank of a 2-process gloo MoCo run: train, then save this rank's MoCo state."""
     opts, output = argument
     trainer = Trainer(load_cfg(None, opts))
-    history = trainer.train()
+    history = trainer.train(keep_history=True)
     assert all(math.isfinite(h["loss"]) for h in history)
-    state = {name: value.clone() for name, value in trainer.moco.state_dict().items()}
+    state = {name: value.clone() for name, value in trainer.objective.moco.state_dict().items()}
     state["online.stem"] = unwrap_model(trainer.model).stem[0].weight.detach().clone()
     torch.save(state, f"{output}.rank{trainer.rank}")
 
 
 @pytest.mark.slow
 def test_two_process_gloo_run_keeps_queue_and_momentum_encoder_in_sync(tmp_path):
-    distributed = pytest.importorskip("melecole.engine.distributed")
+    from melecole.engine import launch as distributed
+
     opts = tiny_opts(tmp_path, **{"MOCO.SUPERVISED": "True", "OPTIM.TOTAL_ITER": "3"})
     output = tmp_path / "moco_state.pt"
     distributed.launch(_ddp_worker, (opts, str(output)), world_size=2, backend="gloo")
@@ -351,3 +334,17 @@ def test_label_efficiency_bench_runs_end_to_end(tmp_path, repo_root):
     records = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert {r["arm"] for r in records} == {"supervised", "pretrain+finetune", "joint"}
     assert all(math.isfinite(r["vi_total"]) and 0.0 <= r["arand"] <= 1.0 for r in records)
+
+
+def test_gradient_clipping_covers_the_projection_head(tmp_path):
+    """OPTIM.GRAD_CLIP clips everything the optimizer updates (network + MoCo projection head)."""
+    cfg = load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.GRAD_CLIP": "0.001"}))
+    trainer = Trainer(cfg)
+    scalars = trainer.run_step(next(iter(trainer.train_loader)))
+    projection = trainer.objective.moco.projection.parameters()
+    projection_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in projection))
+    total_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in trainer.optimized_parameters if p.grad is not None))
+    assert projection_norm > 0 and scalars["grad_norm"] > 0.001
+    assert total_norm.item() == pytest.approx(0.001, rel=1e-4)  # the projection head was clipped too
+    optimized = {id(p) for p in trainer.optimized_parameters}
+    assert {id(p) for p in trainer.objective.moco.projection.parameters()} <= optimized

@@ -131,3 +131,14 @@ def test_default_snemi_model_forward() -> None:
     assert outputs["embedding"].shape == (1, 16, 20, 64, 64)
     assert outputs["foreground"].shape == (1, 1, 20, 64, 64)
     assert torch.isfinite(outputs["embedding"]).all()
+
+
+def test_return_features_gives_the_decoder_features_of_the_same_pass() -> None:
+    torch.manual_seed(0)
+    model = UNet3D(filters=(4, 8), pool_z=(False,), embedding_dim=3, norm="group", norm_groups=2).eval()
+    x = torch.rand(2, 1, 4, 16, 16)
+    outputs = model(x, return_features=True)
+    assert set(outputs) == {"embedding", "foreground", "features"} and set(model(x)) == {"embedding", "foreground"}
+    assert outputs["features"].shape == (2, model.feature_channels, 4, 16, 16)
+    torch.testing.assert_close(outputs["features"], model.forward_features(x), rtol=0, atol=0)
+    torch.testing.assert_close(outputs["embedding"], model.embedding_head(outputs["features"]), rtol=0, atol=0)

@@ -11,9 +11,19 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from melecole.config.defaults import get_default_cfg
+from melecole.config.validate import check_inference_windows, downsampling_factors, validate_cfg
 from melecole.errors import ConfigError
 
-__all__ = ["load_cfg", "get_default_cfg", "validate_cfg", "cfg_from_yaml_text", "MODEL_SHAPING_KEYS"]
+__all__ = [
+    "MODEL_SHAPING_KEYS",
+    "apply_overrides",
+    "cfg_from_yaml_text",
+    "check_inference_windows",
+    "downsampling_factors",
+    "get_default_cfg",
+    "load_cfg",
+    "validate_cfg",
+]
 
 # Keys that change the network's parameters: a checkpoint only loads into a model with equal values.
 MODEL_SHAPING_KEYS = (
@@ -27,24 +37,14 @@ MODEL_SHAPING_KEYS = (
     "MODEL.STEM_KERNEL",
 )
 
-_CHOICES = {
-    "HARDWARE.DEVICE": ("auto", "cpu", "cuda"),
-    "MODEL.NORM": ("batch", "instance", "group", "none"),
-    "MODEL.ACTIVATION": ("relu", "elu", "leaky_relu", "gelu"),
-    "LOSS.NORM": ("l1", "l2"),
-    "OPTIM.OPTIMIZER": ("adam", "adamw", "sgd"),
-    "OPTIM.SCHEDULER": ("cosine", "constant", "step"),
-    "MOCO.MODE": ("joint", "pretrain"),
-    "INFERENCE.BLENDING": ("gaussian", "bump", "constant"),
-}
-
-
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}': not a text (UTF-8 YAML) file, expected a .yaml config") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -71,8 +71,24 @@ def _deep_update(target: dict, update: dict) -> None:
             target[key] = value
 
 
+class _CommandLineText(str):
+    """A command-line value: its text, and ``parsed``, the Python literal it spells (if any).
+
+    A key whose default is a string takes the text as typed (``LOG.RUN_NAME 2024`` is the name
+    "2024"); every other key takes the parsed value.
+    """
+
+    parsed: Any
+
+
 def _coerce(value: Any, default: Any, full_key: str, source: str) -> Any:
-    """Checks ``value`` against the default's type; ints are accepted for floats, tuples for lists."""
+    """Checks ``value`` against the default's type; ints are accepted for floats, tuples for lists.
+
+    String keys also take numbers (a yaml ``RUN_NAME: 2024``) and booleans (``false``) as text.
+    """
+    if isinstance(value, _CommandLineText):
+        keep_text = isinstance(default, str) and not isinstance(value.parsed, bool)
+        value = str(value) if keep_text else value.parsed
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -87,6 +103,10 @@ def _coerce(value: Any, default: Any, full_key: str, source: str) -> Any:
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, int):
+            return str(value)
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return list(value)
@@ -130,6 +150,12 @@ def _parse_value(text: str) -> Any:
 
 
 def _opts_to_dict(opts: Sequence[str]) -> dict:
+    flags = [item for item in opts if item.startswith("--")]
+    if flags:
+        raise ConfigError(
+            f"command-line override: got the option '{flags[0]}' among the KEY VALUE pairs, "
+            "expected options before the KEY VALUE overrides"
+        )
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
     nested: dict = {}
@@ -142,73 +168,10 @@ def _opts_to_dict(opts: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"command-line override: '{key}' conflicts with an earlier override")
-        node[parts[-1]] = _parse_value(text)
+        value = _CommandLineText(text)
+        value.parsed = _parse_value(text)
+        node[parts[-1]] = value
     return nested
-
-
-def _check_triplet(cfg: CN, key: str, minimum: int, allow_empty: bool = False) -> None:
-    group, name = key.split(".")
-    value = cfg[group][name]
-    if allow_empty and len(value) == 0:
-        return
-    if len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
-        raise ConfigError(f"{key} expects 3 integers >= {minimum} (z, y, x), got {value!r}")
-
-
-def validate_cfg(cfg: CN) -> None:
-    """Checks values that the types alone do not (choices, lengths, ranges)."""
-    for key, choices in _CHOICES.items():
-        group, name = key.split(".")
-        if cfg[group][name] not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {cfg[group][name]!r}")
-    _check_triplet(cfg, "MODEL.INPUT_SIZE", 1)
-    _check_triplet(cfg, "MODEL.STEM_KERNEL", 1)
-    _check_triplet(cfg, "DATASET.PADDING", 0)
-    _check_triplet(cfg, "INFERENCE.WINDOW_SIZE", 1, allow_empty=True)
-    _check_triplet(cfg, "INFERENCE.STRIDE", 1, allow_empty=True)
-    _check_triplet(cfg, "INFERENCE.MARGIN", 0)
-    _check_triplet(cfg, "INFERENCE.MWS_STRIDES", 1)
-    filters = cfg.MODEL.FILTERS
-    if not filters or not all(isinstance(f, int) and f > 0 for f in filters):
-        raise ConfigError(f"MODEL.FILTERS expects a list of positive integers, got {filters!r}")
-    if len(cfg.MODEL.POOL_Z) != len(filters) - 1:
-        raise ConfigError(
-            f"MODEL.POOL_Z needs one entry per downsampling (len(MODEL.FILTERS) - 1 = {len(filters) - 1}), "
-            f"got {cfg.MODEL.POOL_Z!r}"
-        )
-    z_factor = 2 ** sum(bool(p) for p in cfg.MODEL.POOL_Z)
-    xy_factor = 2 ** (len(filters) - 1)
-    size = cfg.MODEL.INPUT_SIZE
-    if size[0] % z_factor or size[1] % xy_factor or size[2] % xy_factor:
-        raise ConfigError(
-            f"MODEL.INPUT_SIZE {list(size)} must be divisible by ({z_factor}, {xy_factor}, {xy_factor}), "
-            f"the downsampling of MODEL.FILTERS/MODEL.POOL_Z"
-        )
-    if cfg.MODEL.NORM == "group" and any(f % cfg.MODEL.NORM_GROUPS for f in filters):
-        raise ConfigError(
-            f"MODEL.NORM_GROUPS {cfg.MODEL.NORM_GROUPS} must divide every MODEL.FILTERS entry {list(filters)}"
-        )
-    if cfg.MODEL.EMBEDDING_DIMENSION < 1:
-        raise ConfigError(f"MODEL.EMBEDDING_DIMENSION must be >= 1, got {cfg.MODEL.EMBEDDING_DIMENSION}")
-    offsets = cfg.INFERENCE.OFFSETS
-    if not offsets or not all(isinstance(o, (list, tuple)) and len(o) == 3 for o in offsets):
-        raise ConfigError(f"INFERENCE.OFFSETS expects a list of [dz, dy, dx] integer triplets, got {offsets!r}")
-    if not any(sum(abs(v) for v in o) == 1 for o in offsets[:3]):
-        raise ConfigError("INFERENCE.OFFSETS must start with the 3 nearest-neighbour offsets (attractive edges)")
-    for key in ("LOSS.DELTA_V", "LOSS.DELTA_D", "OPTIM.INITIAL_LR", "MOCO.TEMPERATURE"):
-        group, name = key.split(".")
-        if not cfg[group][name] > 0:
-            raise ConfigError(f"{key} must be > 0, got {cfg[group][name]}")
-    for key in ("OPTIM.TOTAL_ITER", "OPTIM.BATCH_SIZE", "HARDWARE.NUM_GPUS", "INFERENCE.BATCH_SIZE"):
-        group, name = key.split(".")
-        if cfg[group][name] < 1:
-            raise ConfigError(f"{key} must be >= 1, got {cfg[group][name]}")
-    if not 0.0 <= cfg.INFERENCE.MWS_BACKGROUND <= 1.0:
-        raise ConfigError(f"INFERENCE.MWS_BACKGROUND must be in [0, 1], got {cfg.INFERENCE.MWS_BACKGROUND}")
-    if not 0.0 <= cfg.MOCO.MOMENTUM < 1.0:
-        raise ConfigError(f"MOCO.MOMENTUM must be in [0, 1), got {cfg.MOCO.MOMENTUM}")
-    if cfg.HARDWARE.NUM_WORKERS < 0:
-        raise ConfigError(f"HARDWARE.NUM_WORKERS must be >= 0, got {cfg.HARDWARE.NUM_WORKERS}")
 
 
 def load_cfg(path: str | os.PathLike | None = None, opts: Iterable[str] | None = None, freeze: bool = True) -> CN:
@@ -222,7 +185,7 @@ def load_cfg(path: str | os.PathLike | None = None, opts: Iterable[str] | None =
         _merge(cfg, _read_yaml(path), source=f"config file '{path}'")
         if not cfg.LOG.RUN_NAME:
             cfg.LOG.RUN_NAME = path.stem
-    opts = list(opts or [])
+    opts = [str(item) for item in opts or []]
     if opts:
         _merge(cfg, _opts_to_dict(opts), source="command-line override")
     if not cfg.LOG.RUN_NAME:
@@ -240,11 +203,22 @@ def cfg_from_yaml_text(text: str, source: str = "checkpoint") -> CN:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: stored config is not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        found = f"{type(data).__name__} {str(data)[:40]!r}"
+        raise ConfigError(f"{source}: got {found}, expected a mapping of config groups")
     _merge(cfg, data, source=source)
     validate_cfg(cfg)
     cfg.freeze()
     return cfg
 
 
-def cfg_to_yaml_text(cfg: CN) -> str:
-    return cfg.dump()
+def apply_overrides(cfg: CN, opts: Iterable[str] | None, source: str = "command-line override") -> CN:
+    """A validated, frozen copy of ``cfg`` with the flat ``KEY VALUE`` list ``opts`` merged in."""
+    merged = cfg.clone()
+    merged.defrost()
+    opts = [str(item) for item in opts or []]
+    if opts:
+        _merge(merged, _opts_to_dict(opts), source=source)
+    validate_cfg(merged)
+    merged.freeze()
+    return merged

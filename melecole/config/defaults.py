@@ -27,7 +27,7 @@ _C.HARDWARE.AMP = True
 _C.HARDWARE.NUM_THREADS = 0
 
 # --------------------------------------------------------------------------------------------------
-# Dataset: <DATA_ROOT>/<split>/*.hdf, every file one volume (see DESIGN.md)
+# Dataset: <DATA_ROOT>/<split>/*.hdf, every file one volume (see docs/ARCHITECTURE.md)
 # --------------------------------------------------------------------------------------------------
 _C.DATASET = CN()
 _C.DATASET.DATA_ROOT = "dataset"
@@ -215,8 +215,9 @@ _C.LOG.VAL_FREQUENCY = 1000
 _C.LOG.VAL_PATCHES = 8
 # Embedding PCA images to TensorBoard every IMAGE_FREQUENCY iterations; 0 disables.
 _C.LOG.IMAGE_FREQUENCY = 1000
-# Show a tqdm progress bar.
-_C.LOG.PROGRESS_BAR = True
+# Progress bars: auto (only when stderr is a terminal; periodic log lines otherwise, so SLURM logs
+# and redirected output get no carriage-return updates) | true | false.
+_C.LOG.PROGRESS_BAR = "auto"
 
 # --------------------------------------------------------------------------------------------------
 # System

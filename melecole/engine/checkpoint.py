@@ -1,4 +1,4 @@
-"""Self-describing checkpoints (DESIGN.md): one dict, written atomically, weights unwrapped."""
+"""Self-describing checkpoints (docs/ARCHITECTURE.md): one dict, written atomically, weights unwrapped."""
 
 from __future__ import annotations
 
@@ -12,16 +12,26 @@ from yacs.config import CfgNode as CN
 import melecole
 from melecole.config import MODEL_SHAPING_KEYS, cfg_from_yaml_text
 from melecole.errors import CheckpointError, MeLeCoLeError
+from melecole.utils.comm import unwrap_model
 from melecole.utils.files import atomic_torch_save
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "HEAD_PREFIXES",
+    "build_model_from_checkpoint",
+    "check_model_compatible",
+    "checkpoint_cfg",
+    "load_backbone_weights",
+    "load_checkpoint",
+    "load_model_weights",
+    "model_shape_differences",
+    "save_checkpoint",
+    "unwrap_model",
+]
+
 CHECKPOINT_FORMAT = "melecole-checkpoint-v1"
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DistributedDataParallel / DataParallel wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
+# Parameters that belong to the task heads, not the backbone (not loaded by --ssl_checkpoint).
+HEAD_PREFIXES = ("embedding_head.", "foreground_head.")
 
 
 def save_checkpoint(
@@ -71,6 +81,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint '{path}' could not be read ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise CheckpointError(f"checkpoint '{path}' is not a MeLeCoLe checkpoint (no 'model' and 'config' entries)")
+    iteration = checkpoint.get("iteration", 0)
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(
+            f"checkpoint '{path}': iteration is {iteration!r} ({type(iteration).__name__}), expected an integer >= 0"
+        )
     checkpoint["path"] = str(path)
     return checkpoint
 
@@ -136,3 +151,32 @@ def build_model_from_checkpoint(
     load_model_weights(model, checkpoint)
     model.to(device).eval()
     return model, cfg, checkpoint
+
+
+def load_backbone_weights(model: torch.nn.Module, path: str | os.PathLike, cfg: CN) -> list[str]:
+    """Loads a (contrastive pre-training) checkpoint's network weights except the heads.
+
+    The model-shaping keys must match except MODEL.EMBEDDING_DIMENSION (the heads are not loaded).
+    Returns the names of the parameters that keep their fresh initialisation (the heads).
+    """
+    checkpoint = load_checkpoint(path)
+    differences = [
+        d for d in model_shape_differences(checkpoint_cfg(checkpoint), cfg)
+        if not d.startswith("MODEL.EMBEDDING_DIMENSION")
+    ]
+    if differences:
+        raise CheckpointError(
+            f"--ssl_checkpoint '{checkpoint['path']}' has a differently shaped backbone: " + "; ".join(differences)
+        )
+    state = {
+        key.removeprefix("module."): value
+        for key, value in checkpoint["model"].items()
+        if not key.removeprefix("module.").startswith(HEAD_PREFIXES)
+    }
+    result = unwrap_model(model).load_state_dict(state, strict=False)
+    if result.unexpected_keys or any(not key.startswith(HEAD_PREFIXES) for key in result.missing_keys):
+        raise CheckpointError(
+            f"--ssl_checkpoint '{checkpoint['path']}' does not fit the backbone "
+            f"(missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})"
+        )
+    return list(result.missing_keys)

@@ -1,17 +1,21 @@
 """The one iteration-based training engine, for 1..N processes.
 
 ``Trainer.train()`` runs ``run_step`` until OPTIM.TOTAL_ITER; logging, validation, images and
-checkpoints are named methods called after each step. Distributed helpers are no-ops without a
-process group, so the same code runs in one CPU process, on one GPU and under DDP.
+checkpoints are named methods called after each step. The loss comes from an objective
+(:mod:`melecole.losses.objectives`: metric, or metric + contrastive), which owns its own state.
+Distributed helpers are no-ops without a process group, so the same code runs in one CPU process,
+on one GPU and under DDP.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,23 +24,44 @@ import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
+from melecole.config import apply_overrides, cfg_from_yaml_text
 from melecole.engine.checkpoint import (
     check_model_compatible,
     checkpoint_cfg,
+    load_backbone_weights,
     load_checkpoint,
     load_model_weights,
     model_shape_differences,
     save_checkpoint,
     unwrap_model,
 )
+from melecole.engine.launch import sigterm_as_interrupt
+from melecole.engine.loaders import build_training_loader
 from melecole.engine.optim import build_optimizer, build_scheduler
-from melecole.errors import CheckpointError
+from melecole.errors import CheckpointError, ConfigError, MeLeCoLeError
+from melecole.losses import build_objective
 from melecole.utils import comm
 from melecole.utils.device import configure_threads, resolve_device
 from melecole.utils.files import atomic_write_text
-from melecole.utils.logger import setup_logging
+from melecole.utils.logger import attach_log_file, setup_logging
+from melecole.utils.progress import progress_bar, progress_enabled
 
-__all__ = ["Trainer", "make_run_dir", "seed_everything", "get_rng_state", "set_rng_state", "resume_config"]
+__all__ = [
+    "Trainer",
+    "make_run_dir",
+    "seed_everything",
+    "get_rng_state",
+    "set_rng_state",
+    "resume_config",
+    "resume_run_dir",
+    "remove_stale_temporary_files",
+]
+
+# Losses averaged into the checkpoint's "mean_loss_recent" (the last this many iterations).
+RECENT_LOSSES = 50
+# Temporary files that this library's atomic writes leave when killed: ".<name>.<random>.tmp".
+_TEMPORARY_FILE = re.compile(r"^\.(config\.yaml|last\.pt|iter_\d+\.pt)\.[A-Za-z0-9_]+\.tmp$")
+_CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 
 
 def seed_everything(seed: int) -> None:
@@ -80,32 +105,87 @@ def resume_config(resume: str | Path, opts: list[str] | None = None) -> tuple[CN
 
     Model-shaping keys cannot be overridden on resume.
     """
-    from melecole.config import _merge, _opts_to_dict, validate_cfg
-
     checkpoint = load_checkpoint(resume)
     stored = checkpoint_cfg(checkpoint)
-    cfg = stored.clone()
-    cfg.defrost()
-    if opts:
-        _merge(cfg, _opts_to_dict(list(opts)), source="command-line override")
-    validate_cfg(cfg)
+    cfg = apply_overrides(stored, opts)
     differences = model_shape_differences(stored, cfg)
     if differences:
         raise CheckpointError("cannot change model-shaping keys when resuming: " + "; ".join(differences))
-    cfg.freeze()
     return cfg, checkpoint
 
 
+def _is_run_dir(folder: Path) -> bool:
+    """A run folder of this library: a readable config.yaml of ours beside checkpoints/."""
+    config = folder / "config.yaml"
+    if not (folder / "checkpoints").is_dir() or not config.is_file():
+        return False
+    try:
+        cfg_from_yaml_text(config.read_text(encoding="utf-8"), source=str(config))
+    except (MeLeCoLeError, OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def resume_run_dir(checkpoint: dict) -> Path:
+    """The run folder that a resumed checkpoint continues: RUN for RUN/checkpoints/<name>.pt.
+
+    Raises CheckpointError when the checkpoint does not lie in a run folder of this library (so
+    nothing is written into a folder the library did not make), or when the run already holds
+    later checkpoints (resuming would overwrite them).
+    """
+    path = Path(checkpoint["path"]).resolve()
+    run_dir = path.parent.parent
+    if path.parent.name != "checkpoints" or not _is_run_dir(run_dir):
+        raise CheckpointError(
+            f"--resume '{checkpoint['path']}': not inside a run folder of this library "
+            "(RUN/checkpoints/<name>.pt beside RUN/config.yaml), expected a run folder or one of its "
+            "checkpoints; to start a new run from these weights use --supervised_checkpoint"
+        )
+    check_no_later_checkpoints(run_dir, int(checkpoint["iteration"]), checkpoint["path"])
+    return run_dir
+
+
+def check_no_later_checkpoints(run_dir: Path, iteration: int, source: str) -> None:
+    """CheckpointError if ``run_dir/checkpoints`` holds an iter_<N>.pt with N > ``iteration``."""
+    folder = Path(run_dir) / "checkpoints"
+    later = sorted(
+        (int(match.group(1)), path.name)
+        for path in (folder.iterdir() if folder.is_dir() else [])
+        if (match := _CHECKPOINT_NAME.match(path.name)) and int(match.group(1)) > iteration
+    )
+    if later:
+        raise CheckpointError(
+            f"--resume '{source}': iteration {iteration}, but run folder '{run_dir}' already has the later "
+            f"checkpoint(s) {', '.join(name for _, name in later)}, expected the latest one (resume from the "
+            "run folder), or start a new run from it with --supervised_checkpoint"
+        )
+
+
+def remove_stale_temporary_files(run_dir: Path) -> list[Path]:
+    """Removes the temporary files that killed atomic writes of this library left in a run folder."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+            if _TEMPORARY_FILE.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 class Trainer:
-    """Trains ``build_model(cfg)`` with the metric loss (and optional extra losses) on CPU or GPU.
+    """Trains ``build_model(cfg)`` with the objective of LOSS.* / MOCO.* on CPU or GPU.
 
     Args:
         cfg: frozen config.
-        run_dir: folder for config.yaml, log.txt, tensorboard/ and checkpoints/; made if None.
+        run_dir: folder for config.yaml, log.txt, tensorboard/ and checkpoints/; made if None
+            (after the data has been read, so a data error leaves no run folder behind).
         resume_checkpoint: a loaded checkpoint dict to continue exactly (weights, optimizer,
-            scheduler, scaler, iteration, RNG); its run folder is reused when run_dir is None.
+            scheduler, scaler, objective state, iteration, RNG); its run folder is reused when
+            run_dir is None (it must be a run folder of this library, without later checkpoints).
         supervised_checkpoint: path of a checkpoint whose weights initialise the model
             (model-shaping keys must match).
+        ssl_checkpoint: path of a contrastive pre-training checkpoint whose backbone initialises
+            the model (the heads start fresh).
     """
 
     def __init__(
@@ -116,68 +196,36 @@ class Trainer:
         supervised_checkpoint: str | Path | None = None,
         ssl_checkpoint: str | Path | None = None,
     ) -> None:
-        from melecole.data import build_train_loader, build_val_batches, check_data_root
-        from melecole.losses import build_criterion
-        from melecole.models import build_model
+        from melecole.data import build_val_batches, check_data_root
 
         self.cfg = cfg
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
         self.is_main = self.rank == 0
-        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
-        self.device = resolve_device(cfg.HARDWARE.DEVICE, local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        configure_threads(self.device, cfg.HARDWARE.NUM_THREADS, cfg.HARDWARE.NUM_WORKERS, local_processes)
-        moco_pretrain = cfg.MOCO.ENABLED and cfg.MOCO.MODE == "pretrain"
-        if not moco_pretrain:  # contrastive pre-training needs no labelled folder
+        self.device = self._setup_device()
+        self.logger = setup_logging(None, self.rank, keep_early=True)
+        pretrain = cfg.MOCO.ENABLED and cfg.MOCO.MODE == "pretrain"
+        if not pretrain:  # contrastive pre-training needs no labelled folder
             check_data_root(cfg, [cfg.DATASET.TRAIN_SPLIT])
-
-        if resume_checkpoint is not None and run_dir is None:
-            run_dir = Path(resume_checkpoint["path"]).resolve().parent.parent
-        if self.is_main:
+        if resume_checkpoint is not None:
             if run_dir is None:
-                run_dir = make_run_dir(cfg)
-            run_dir = Path(run_dir)
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", cfg.dump())
-        if self.world_size > 1:
-            # Every rank uses the folder rank 0 made (its timestamp may differ from another rank's).
-            shared = [str(run_dir) if run_dir is not None else None]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            run_dir = shared[0]
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.logger = setup_logging(self.run_dir, self.rank)
+                run_dir = resume_run_dir(resume_checkpoint)
+            else:
+                check_no_later_checkpoints(Path(run_dir), int(resume_checkpoint["iteration"]),
+                                           resume_checkpoint["path"])
 
         seed_everything(cfg.SYSTEM.SEED + self.rank)
         if cfg.SYSTEM.DETERMINISTIC:
             torch.use_deterministic_algorithms(True, warn_only=True)
-
-        model = build_model(cfg)
-        if supervised_checkpoint is not None:
-            checkpoint = load_checkpoint(supervised_checkpoint)
-            check_model_compatible(checkpoint, cfg)
-            load_model_weights(model, checkpoint)
-            self.logger.info("initialised weights from %s", checkpoint["path"])
-        if ssl_checkpoint is not None:
-            from melecole.engine.moco_hooks import load_backbone_weights
-
-            fresh = load_backbone_weights(model, ssl_checkpoint, cfg)
-            self.logger.info("initialised the backbone from %s (fresh heads: %s)", ssl_checkpoint, len(fresh))
+        model = self._build_model(supervised_checkpoint, ssl_checkpoint)
         self.model = self.wrap_model(model.to(self.device))
-        self.criterion = build_criterion(cfg).to(self.device)
-        # MoCo (MOCO.ENABLED): projection head, momentum network and queue; made after wrapping,
-        # so that the momentum copy starts from the synchronised weights.
-        self.moco = None
-        if cfg.MOCO.ENABLED:
-            from melecole.engine.moco_hooks import MoCoHook
-
-            self.moco = MoCoHook(cfg, self.model, self.device, self.world_size)
-        extra_parameters = self.moco.parameters() if self.moco is not None else []
+        # Made after wrapping, so that a momentum copy (MoCo) starts from the synchronised weights.
+        self.objective = build_objective(cfg, self.model, self.device, self.world_size)
         self.optimizer = build_optimizer(
-            cfg, [p for p in self.model.parameters() if p.requires_grad] + extra_parameters
+            cfg, [p for p in self.model.parameters() if p.requires_grad] + self.objective.parameters()
         )
+        # Clipping and the logged gradient norm cover everything the optimizer updates.
+        self.optimized_parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.amp = bool(cfg.HARDWARE.AMP) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -185,20 +233,16 @@ class Trainer:
         if resume_checkpoint is not None:
             self.load_state(resume_checkpoint)
 
-        if self.moco is not None:
-            self.train_loader = self.moco.build_loader(self.iteration, self.rank, self.world_size)
-        else:
-            self.train_loader = build_train_loader(
-                cfg, start_iteration=self.iteration, rank=self.rank, world_size=self.world_size
-            )
-        validate = self.is_main and cfg.LOG.VAL_FREQUENCY > 0 and not moco_pretrain
+        self.train_loader = build_training_loader(cfg, self.iteration, self.rank, self.world_size)
+        validate = self.is_main and cfg.LOG.VAL_FREQUENCY > 0 and not pretrain
         self.val_batches = build_val_batches(cfg, rank=0) if validate else []
+        self.run_dir = self._open_run_dir(run_dir)
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration or None)
-        self.history: list[dict[str, float]] = []
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=RECENT_LOSSES)
         n_parameters = sum(p.numel() for p in unwrap_model(self.model).parameters())
         self.logger.info(
             "run %s | device %s | %d process(es) | %.2fM parameters | iterations %d -> %d",
@@ -206,6 +250,56 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------
+    def _setup_device(self) -> torch.device:
+        """This process's device (HARDWARE.DEVICE, LOCAL_RANK) and its CPU thread count."""
+        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        device = resolve_device(self.cfg.HARDWARE.DEVICE, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        hardware = self.cfg.HARDWARE
+        configure_threads(device, hardware.NUM_THREADS, hardware.NUM_WORKERS, local_processes)
+        return device
+
+    def _build_model(self, supervised_checkpoint: str | Path | None, ssl_checkpoint: str | Path | None):
+        """``build_model(cfg)``, initialised from a supervised or a contrastive checkpoint if given."""
+        from melecole.models import build_model
+
+        model = build_model(self.cfg)
+        if supervised_checkpoint is not None:
+            checkpoint = load_checkpoint(supervised_checkpoint)
+            check_model_compatible(checkpoint, self.cfg)
+            load_model_weights(model, checkpoint)
+            self.logger.info("initialised weights from %s", checkpoint["path"])
+        if ssl_checkpoint is not None:
+            fresh = load_backbone_weights(model, ssl_checkpoint, self.cfg)
+            self.logger.info("initialised the backbone from %s (fresh heads: %s)", ssl_checkpoint, len(fresh))
+        return model
+
+    def _open_run_dir(self, run_dir: str | Path | None) -> Path | None:
+        """Rank 0 makes (or reuses) the run folder, writes config.yaml and starts log.txt; every rank
+        gets rank 0's folder (its timestamp may differ from another rank's)."""
+        if self.is_main:
+            try:
+                run_dir = Path(run_dir) if run_dir is not None else make_run_dir(self.cfg)
+                (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+                removed = remove_stale_temporary_files(run_dir)
+                atomic_write_text(run_dir / "config.yaml", self.cfg.dump())
+                attach_log_file(run_dir)
+            except OSError as error:
+                where = run_dir if run_dir is not None else f"LOG.OUTPUT_PATH '{self.cfg.LOG.OUTPUT_PATH}'"
+                raise ConfigError(
+                    f"{where}: cannot write the run folder ({error.strerror or error}: {error.filename}), "
+                    "expected a writable folder"
+                ) from None
+            if removed:
+                self.logger.info("removed %d stale temporary file(s) of an interrupted write", len(removed))
+        if self.world_size > 1:
+            shared = [str(run_dir) if run_dir is not None else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            run_dir = shared[0]
+        return Path(run_dir) if run_dir is not None else None
+
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """SyncBatchNorm + DistributedDataParallel when running in several processes."""
         if self.world_size == 1:
@@ -224,13 +318,8 @@ class Trainer:
         return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward pass and loss terms for one batch (already on the device)."""
-        if self.moco is not None:
-            return self.moco.compute_losses(self, batch)
-        with self.autocast():
-            outputs = self.model(batch["raw"])
-        outputs = {name: value.float() for name, value in outputs.items()}
-        return self.criterion(outputs, batch["labels"])
+        """Forward pass and loss terms for one batch (already on the device), by the objective."""
+        return self.objective(self.model, batch, self.autocast)
 
     def run_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step; returns the loss terms as floats."""
@@ -244,7 +333,7 @@ class Trainer:
         grad_norm = None
         if self.cfg.OPTIM.GRAD_CLIP > 0:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.OPTIM.GRAD_CLIP)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized_parameters, self.cfg.OPTIM.GRAD_CLIP)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -255,51 +344,57 @@ class Trainer:
         return scalars
 
     # ------------------------------------------------------------------------------------------
-    def train(self, stop_at: int | None = None) -> list[dict[str, float]]:
+    def train(self, stop_at: int | None = None, keep_history: bool = False) -> list[dict[str, float]]:
         """Trains from the current iteration to OPTIM.TOTAL_ITER (or ``stop_at``, for tests).
 
-        Returns the per-iteration scalars. Ctrl-C saves ``last.pt`` before leaving.
+        Returns the per-iteration scalars of this call when ``keep_history`` (else an empty list:
+        a long run keeps only the last RECENT_LOSSES losses). Ctrl-C and SIGTERM save ``last.pt``
+        before leaving; any other error is also written to log.txt.
         """
         end = self.cfg.OPTIM.TOTAL_ITER if stop_at is None else min(stop_at, self.cfg.OPTIM.TOTAL_ITER)
-        progress = None
-        if self.is_main and self.cfg.LOG.PROGRESS_BAR:
-            from tqdm import tqdm
-
-            progress = tqdm(total=end, initial=self.iteration, desc="train", dynamic_ncols=True, leave=False)
+        history: list[dict[str, float]] = []
+        if self.iteration >= end:
+            self.logger.info("nothing to do: at iteration %d of %d", self.iteration, end)
+            return history
+        show = self.is_main and progress_enabled(self.cfg.LOG.PROGRESS_BAR)
+        progress = progress_bar(total=end, initial=self.iteration, desc="train", enabled=show, log_interval_s=None)
         loader = iter(self.train_loader)
         start_time, start_iteration = time.perf_counter(), self.iteration
         try:
-            while self.iteration < end:
-                batch = next(loader)
-                scalars = self.run_step(batch)
-                self.iteration += 1
-                self.history.append(scalars)
-                self.after_step(scalars, progress)
+            with sigterm_as_interrupt():
+                while self.iteration < end:
+                    scalars = self.run_step(next(loader))
+                    self.iteration += 1
+                    self.recent_losses.append(scalars["loss"])
+                    if keep_history:
+                        history.append(scalars)
+                    self.after_step(scalars, progress)
         except KeyboardInterrupt:
-            if self.is_main:
+            if self.is_main and self.iteration > start_iteration:
                 self.logger.warning("interrupted at iteration %d; saving last.pt", self.iteration)
                 self.save_checkpoint(final=False)
             raise
+        except Exception as error:
+            self.logger.error("training stopped at iteration %d: %s", self.iteration, " ".join(str(error).split()))
+            raise
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
+        self._finish(start_time, start_iteration)
+        return history
+
+    def _finish(self, start_time: float, start_iteration: int) -> None:
         elapsed = time.perf_counter() - start_time
-        if self.iteration > start_iteration:
-            self.logger.info(
-                "trained %d iterations in %.1f s (%.2f it/s)",
-                self.iteration - start_iteration, elapsed, (self.iteration - start_iteration) / max(elapsed, 1e-9),
-            )
+        done = self.iteration - start_iteration
+        self.logger.info("trained %d iterations in %.1f s (%.2f it/s)", done, elapsed, done / max(elapsed, 1e-9))
         if self.is_main and self.iteration == self.cfg.OPTIM.TOTAL_ITER:
             self.save_checkpoint(final=True)
         if self.writer is not None:
             self.writer.flush()
-        return self.history
 
     def after_step(self, scalars: dict[str, float], progress: Any) -> None:
         log = self.cfg.LOG
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+        progress.update(1)
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}")
         if not self.is_main:
             return
         if self.iteration % log.LOG_FREQUENCY == 0 or self.iteration == 1:
@@ -321,7 +416,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float] | None:
-        """Mean loss terms over the fixed validation patches (rank 0)."""
+        """Mean metric-loss terms over the fixed validation patches (rank 0)."""
         if not self.val_batches:
             return None
         self.model.eval()
@@ -331,7 +426,7 @@ class Trainer:
             batch = {name: value.to(self.device) for name, value in batch.items()}
             with self.autocast():
                 outputs = model(batch["raw"])
-            loss, terms = self.criterion({k: v.float() for k, v in outputs.items()}, batch["labels"])
+            loss, terms = self.objective.criterion({k: v.float() for k, v in outputs.items()}, batch["labels"])
             for name, value in {**terms, "loss": loss}.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
         means = {name: value / len(self.val_batches) for name, value in sums.items()}
@@ -362,27 +457,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def state_extra(self) -> dict:
-        """Extra entries for the checkpoint (e.g. a MoCo queue lives in the model's buffers)."""
-        extra = {"mean_loss_recent": _mean([h["loss"] for h in self.history[-50:]])}
-        if self.moco is not None:
-            extra["moco"] = self.moco.state_dict()
-        return extra
+        """Extra checkpoint entries: the recent mean loss and the objective's state (e.g. "moco")."""
+        recent = list(self.recent_losses)
+        mean_loss_recent = float(sum(recent) / len(recent)) if recent else math.nan
+        return {"mean_loss_recent": mean_loss_recent, **self.objective.state_dict()}
 
     def save_checkpoint(self, final: bool) -> Path:
-        """checkpoints/iter_<N>.pt and checkpoints/last.pt, both written atomically."""
+        """checkpoints/last.pt, then checkpoints/iter_<N>.pt, both written atomically.
+
+        last.pt first: a kill between the two writes leaves no iter_<N>.pt newer than last.pt, which
+        would make ``--resume RUN`` refuse to overwrite it.
+        """
         folder = self.run_dir / "checkpoints"
         options = dict(
             model=self.model, cfg=self.cfg, iteration=self.iteration, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, rng_state=get_rng_state(), extra=self.state_extra(),
         )
         path = folder / f"iter_{self.iteration}.pt"
-        save_checkpoint(path, **options)
         save_checkpoint(folder / "last.pt", **options)
+        save_checkpoint(path, **options)
         self.logger.info("saved checkpoint %s%s", path, " (final)" if final else "")
         return path
 
     def load_state(self, checkpoint: dict) -> None:
-        """Continues a run exactly: weights, optimizer, scheduler, scaler, iteration, RNG."""
+        """Continues a run exactly: weights, optimizer, scheduler, scaler, objective, iteration, RNG."""
         check_model_compatible(checkpoint, self.cfg)
         load_model_weights(self.model, checkpoint)
         try:
@@ -395,14 +493,7 @@ class Trainer:
         except (ValueError, KeyError) as error:
             source = checkpoint["path"]
             raise CheckpointError(f"checkpoint '{source}': cannot restore optimizer state ({error})") from None
-        if self.moco is not None:
-            self.moco.load_state_dict(checkpoint.get("moco"), source=f"checkpoint '{checkpoint['path']}'")
+        self.objective.load_state_dict(checkpoint, source=f"checkpoint '{checkpoint['path']}'")
         self.iteration = int(checkpoint["iteration"])
-        rng = checkpoint.get("rng")
-        set_rng_state(rng)
+        set_rng_state(checkpoint.get("rng"))
         self.logger.info("resumed %s at iteration %d", checkpoint["path"], self.iteration)
-
-
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan
-

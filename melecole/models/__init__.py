@@ -1,4 +1,5 @@
-"""Networks: a name registry and ``build_model(cfg)``, the only place that reads MODEL.* keys."""
+"""Networks: a name registry, ``build_model(cfg)`` (the only place that reads MODEL.* keys) and
+``build_dense_moco(cfg, encoder)`` (MOCO.*)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from melecole.errors import ConfigError
 from melecole.models.moco import DenseMoCo, ProjectionHead
 from melecole.models.unet3d import UNet3D
 
-__all__ = ["MODEL_REGISTRY", "DenseMoCo", "ProjectionHead", "UNet3D", "build_model"]
+__all__ = ["MODEL_REGISTRY", "DenseMoCo", "ProjectionHead", "UNet3D", "build_dense_moco", "build_model"]
 
 
 def _build_unet3d(cfg: CN) -> UNet3D:
@@ -39,3 +40,23 @@ def build_model(cfg: CN) -> nn.Module:
             f"MODEL.ARCHITECTURE {name!r} is not a known model; valid: {', '.join(sorted(MODEL_REGISTRY))}"
         )
     return MODEL_REGISTRY[name](cfg)
+
+
+def build_dense_moco(cfg: CN, encoder: nn.Module) -> DenseMoCo:
+    """DenseMoCo from MOCO.* (validated by ``melecole.config``) for the unwrapped online ``encoder``."""
+    moco = cfg.MOCO
+    if moco.PROJECTION_INPUT == "features":
+        channels = int(getattr(encoder, "feature_channels", cfg.MODEL.FILTERS[0]))
+    else:
+        channels = int(cfg.MODEL.EMBEDDING_DIMENSION)
+    return DenseMoCo(
+        encoder,
+        feature_channels=channels,
+        projection_dim=moco.PROJECTION_DIM,
+        projection_hidden=moco.PROJECTION_HIDDEN,
+        queue_size=moco.QUEUE_SIZE,
+        momentum=moco.MOMENTUM,
+        temperature=moco.TEMPERATURE,
+        projection_input=moco.PROJECTION_INPUT,
+        supervised=moco.SUPERVISED,
+    )

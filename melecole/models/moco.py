@@ -6,10 +6,11 @@ view 1 is the query, the momentum projection at the corresponding voxel of view 
 key, and a queue of earlier keys supplies the negatives (InfoNCE with a temperature). With labels
 (supervised contrast) every key of the same instance in the same crop is a positive as well.
 
-The online network is not stored here: it is passed to :meth:`DenseMoCo.forward` (possibly wrapped
-in DistributedDataParallel) and to :meth:`DenseMoCo.momentum_update`. This module holds what the
-checkpoint needs besides the network: the online projection head, the momentum network and
-projection head, and the queue with its pointer as registered buffers.
+The online network is not stored here: its owner runs it once per step (possibly wrapped in
+DistributedDataParallel, labelled patches and first views in one pass) and hands its map of the
+first views to :meth:`DenseMoCo.forward`; :meth:`DenseMoCo.momentum_update` takes the network.
+This module holds what the checkpoint needs besides the network: the online projection head, the
+momentum network and projection head, and the queue with its pointer as registered buffers.
 
 Shapes: B crops, N sampled voxels per crop, M = B * N, C feature channels, D projection dim,
 K queue length.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Literal
 
 import torch
@@ -152,39 +152,13 @@ class ProjectionHead(nn.Module):
         return self.layers(x)
 
 
-@contextmanager
-def capture_features(network: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
-    """Records the decoder features, i.e. the input of ``network.embedding_head``, during a forward.
-
-    Works through DDP wrappers (the hook sits on the inner module), so the network is called once.
-    Yields a dict whose "features" entry is ``(B, C, Z, Y, X)`` after the forward pass.
-    """
-    inner = network
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
-        inner = inner.module
-    head = getattr(inner, "embedding_head", None)
-    if not isinstance(head, nn.Module):
-        raise ValueError(
-            f"{type(inner).__name__} has no 'embedding_head'; use MOCO.PROJECTION_INPUT embedding"
-        )
-    store: Dict[str, torch.Tensor] = {}
-
-    def hook(_module: nn.Module, inputs: tuple) -> None:
-        store["features"] = inputs[0]
-
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 class DenseMoCo(nn.Module):
     """Momentum encoder + projection heads + key queue for dense voxel contrast.
 
     Args:
-        encoder: the online network (unwrapped), e.g. UNet3D; it is deep-copied into the
-            momentum network but not stored.
+        encoder: the online network (unwrapped), e.g. UNet3D (with ``forward_features`` when
+            ``projection_input`` is "features"); it is deep-copied into the momentum network but
+            not stored.
         feature_channels: C, channels of the vectors that the projection head reads (decoder
             features or the embedding, per ``projection_input``).
         projection_dim: D. projection_hidden: hidden width of the head (0 = linear).
@@ -240,7 +214,7 @@ class DenseMoCo(nn.Module):
 
         Buffers (e.g. batch-norm running statistics) are copied.
         """
-        online = encoder.module if hasattr(encoder, "module") else encoder
+        online = comm.unwrap_model(encoder)
         pairs = [(online, self.momentum_encoder), (self.projection, self.momentum_projection)]
         for source, target in pairs:
             for param_q, param_k in zip(source.parameters(), target.parameters()):
@@ -263,23 +237,26 @@ class DenseMoCo(nn.Module):
         self.queue_filled[0] = min(int(self.queue_filled) + count, size)
 
     # ------------------------------------------------------------------------------------------
-    def _vectors(self, outputs: Dict[str, torch.Tensor], features: torch.Tensor | None) -> torch.Tensor:
-        """The ``(B, C, Z, Y, X)`` map that the projection head reads."""
+    def source_map(self, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ``(B, C, Z, Y, X)`` map that the projection head reads, from a network's outputs.
+
+        "features" needs the outputs of ``UNet3D.forward(x, return_features=True)``.
+        """
         if self.projection_input == "embedding":
             return outputs["embedding"]
-        if features is None:
-            raise RuntimeError("decoder features were not captured")
-        return features
+        if "features" not in outputs:
+            raise ValueError("MoCo on decoder features needs the network's outputs with return_features=True")
+        return outputs["features"]
 
     def encode_queries(
         self,
-        outputs: Dict[str, torch.Tensor],
-        features: torch.Tensor | None,
+        source: torch.Tensor,
         coords: torch.Tensor,
         projection: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Normalised online projections ``(B*N, D)`` at ``coords`` ``(B, N, 3)`` of view 1."""
-        vectors = gather_voxels(self._vectors(outputs, features).float(), coords)  # (B*N, C)
+        """Normalised online projections ``(B*N, D)`` of the ``(B, C, Z, Y, X)`` map ``source`` of
+        view 1 at ``coords`` ``(B, N, 3)``; ``projection`` replaces the head (e.g. its DDP wrapper)."""
+        vectors = gather_voxels(source.float(), coords)  # (B*N, C)
         project = projection if projection is not None else self.projection
         return F.normalize(project(vectors), dim=1)
 
@@ -291,12 +268,10 @@ class DenseMoCo(nn.Module):
         """
         self.momentum_encoder.train(self.training)
         if self.projection_input == "features":
-            with capture_features(self.momentum_encoder) as store:
-                outputs = self.momentum_encoder(view)
-            features = store["features"]
+            source = self.momentum_encoder.forward_features(view)
         else:
-            outputs, features = self.momentum_encoder(view), None
-        vectors = gather_voxels(self._vectors(outputs, features).float(), coords)  # (B*N, C)
+            source = self.momentum_encoder(view)["embedding"]
+        vectors = gather_voxels(source.float(), coords)  # (B*N, C)
         return F.normalize(self.momentum_projection(vectors), dim=1)
 
     def contrast(
@@ -333,30 +308,29 @@ class DenseMoCo(nn.Module):
 
     def forward(
         self,
-        encoder: nn.Module,
-        view1: torch.Tensor,
+        source: torch.Tensor,
         view2: torch.Tensor,
         coords1: torch.Tensor,
         coords2: torch.Tensor,
         groups: torch.Tensor | None = None,
+        projection: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple:
-        """Stand-alone step: momentum update, queries, keys, InfoNCE, enqueue.
+        """One contrastive step after the online network's pass over view 1: queries, keys,
+        InfoNCE (in float32, outside any autocast), enqueue.
+
+        Call :meth:`momentum_update` first (once per step).
 
         Args:
-            encoder: the online network (may be DDP-wrapped). view1, view2: ``(B, 1, Z, Y, X)``.
+            source: ``(B, C, Z, Y, X)`` online map of view 1 (:meth:`source_map` of the outputs).
+            view2: ``(B, 1, Z, Y, X)`` second views (through the momentum network).
             coords1, coords2: ``(B, N, 3)`` corresponding voxel coordinates in each view.
             groups: ``(B*N,)`` instance groups for supervised contrast, or None.
+            projection: the online head to use instead of ``self.projection`` (its DDP wrapper).
 
         Returns:
             (loss, diagnostics) as :meth:`contrast`.
         """
-        self.momentum_update(encoder)
-        if self.projection_input == "features":
-            with capture_features(encoder) as store:
-                outputs = encoder(view1)
-            features = store["features"]
-        else:
-            outputs, features = encoder(view1), None
-        query = self.encode_queries(outputs, features, coords1)
+        query = self.encode_queries(source, coords1, projection)
         key = self.encode_keys(view2, coords2)
-        return self.contrast(query, key, groups)
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            return self.contrast(query.float(), key.float(), groups)

@@ -168,7 +168,15 @@ class UNet3D(nn.Module):
             x = decoder(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``(B, C, Z, Y, X) -> {"embedding": (B, E, Z, Y, X), "foreground": (B, 1, Z, Y, X) logits}``."""
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> Dict[str, torch.Tensor]:
+        """``(B, C, Z, Y, X) -> {"embedding": (B, E, Z, Y, X), "foreground": (B, 1, Z, Y, X) logits}``.
+
+        ``return_features``: also ``"features"``, the decoder features ``(B, filters[0], Z, Y, X)``
+        that the heads read (what a MoCo projection head attaches to), from the same single pass,
+        so a DDP-wrapped network is still called once per step.
+        """
         features = self.forward_features(x)
-        return {"embedding": self.embedding_head(features), "foreground": self.foreground_head(features)}
+        outputs = {"embedding": self.embedding_head(features), "foreground": self.foreground_head(features)}
+        if return_features:
+            outputs["features"] = features
+        return outputs

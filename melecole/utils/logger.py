@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
 LOGGER_NAME = "melecole"
+# Records kept before the run folder exists (written to log.txt once it does).
+_EARLY_RECORDS = 10000
 
 
-def setup_logging(run_dir: str | Path | None = None, rank: int = 0, level: int = logging.INFO) -> logging.Logger:
+def setup_logging(
+    run_dir: str | Path | None = None, rank: int = 0, level: int = logging.INFO, keep_early: bool = False
+) -> logging.Logger:
     """Configures the ``melecole`` logger: rank 0 logs INFO to stdout and log.txt, others WARNING.
 
-    Safe to call again (handlers are replaced, not stacked).
+    ``keep_early`` (without ``run_dir``): rank 0 keeps its records in memory until
+    :func:`attach_log_file` names the run folder, so log.txt also holds what was logged before the
+    folder was made. Safe to call again (handlers are replaced, not stacked).
     """
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
@@ -25,11 +32,35 @@ def setup_logging(run_dir: str | Path | None = None, rank: int = 0, level: int =
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(formatter)
     logger.addHandler(console)
-    if run_dir is not None and rank == 0:
-        log_file = logging.FileHandler(Path(run_dir) / "log.txt")
-        log_file.setFormatter(formatter)
-        logger.addHandler(log_file)
+    if rank == 0:
+        if run_dir is not None:
+            _add_file_handler(logger, Path(run_dir), formatter)
+        elif keep_early:
+            logger.addHandler(logging.handlers.MemoryHandler(_EARLY_RECORDS, flushLevel=logging.CRITICAL + 1))
     return logger
+
+
+def _add_file_handler(logger: logging.Logger, run_dir: Path, formatter: logging.Formatter) -> logging.Handler:
+    log_file = logging.FileHandler(run_dir / "log.txt")
+    log_file.setFormatter(formatter)
+    logger.addHandler(log_file)
+    return log_file
+
+
+def attach_log_file(run_dir: str | Path) -> None:
+    """Starts <run_dir>/log.txt (appending) with the records kept since :func:`setup_logging`."""
+    logger = logging.getLogger(LOGGER_NAME)
+    memory = [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    if not memory:
+        return
+    formatter = logger.handlers[0].formatter
+    log_file = _add_file_handler(logger, Path(run_dir), formatter)
+    for handler in memory:
+        for record in handler.buffer:
+            log_file.handle(record)
+        logger.removeHandler(handler)
+        handler.buffer.clear()
+        handler.close()
 
 
 def get_logger() -> logging.Logger:
