@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m melecole.demo --config $(DEMO_CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

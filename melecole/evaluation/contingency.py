@@ -158,6 +158,85 @@ def _count_slab_renumbered(seg: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray,
     return seg_originals[keys // gt_originals.size], gt_originals[keys % gt_originals.size], counts
 
 
+def _key_counter(segmentation: np.ndarray, gt: np.ndarray, slabs: list[tuple[int, int]]) -> _SlabCounter | None:
+    """A single-key counter sized for the largest slab, or None when the label ranges need 63+ bits."""
+    if not slabs:
+        return None
+    seg_min, seg_max = int(segmentation.min()), int(segmentation.max())
+    gt_min, gt_max = int(gt.min()), int(gt.max())
+    gt_range = gt_max - gt_min + 1
+    if (seg_max - seg_min + 1) * gt_range > _KEY_LIMIT:
+        return None
+    largest = max(segmentation[start:stop].size for start, stop in slabs)
+    return _SlabCounter(segmentation, gt, seg_min, gt_min, gt_range, largest)
+
+
+def _drop_ignored(
+    seg_labels: np.ndarray,
+    gt_labels: np.ndarray,
+    counts: np.ndarray,
+    *,
+    ignore_gt_zero: bool,
+    ignore_segmentation_zero: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (P,) slab table without the ignored pairs.
+
+    Ignored labels are dropped from the (small) slab table, never by masking the voxels.
+    """
+    keep = None
+    if ignore_gt_zero:
+        keep = gt_labels != 0
+    if ignore_segmentation_zero:
+        keep = seg_labels != 0 if keep is None else keep & (seg_labels != 0)
+    if keep is not None:
+        seg_labels, gt_labels, counts = seg_labels[keep], gt_labels[keep], counts[keep]
+    return seg_labels, gt_labels, counts
+
+
+def _empty_table(seg_dtype: np.dtype, gt_dtype: np.dtype, n_total_voxels: int) -> ContingencyTable:
+    """The table of a volume with no evaluated voxels."""
+    empty_index = np.zeros(0, dtype=np.int64)
+    return ContingencyTable(
+        segmentation_ids=np.zeros(0, dtype=seg_dtype),
+        gt_ids=np.zeros(0, dtype=gt_dtype),
+        pair_segmentation=empty_index,
+        pair_gt=empty_index,
+        pair_count=empty_index,
+        segmentation_sizes=empty_index,
+        gt_sizes=empty_index,
+        n_voxels=0,
+        n_total_voxels=n_total_voxels,
+    )
+
+
+def _merge_slab_tables(
+    seg_parts: list[np.ndarray], gt_parts: list[np.ndarray], count_parts: list[np.ndarray], n_total_voxels: int
+) -> ContingencyTable:
+    """Merges the per-slab (segment label, GT label, voxels) tables: small arrays (pairs, not voxels)."""
+    segmentation_ids, seg_index = np.unique(np.concatenate(seg_parts), return_inverse=True)
+    gt_ids, gt_index = np.unique(np.concatenate(gt_parts), return_inverse=True)
+    counts = np.concatenate(count_parts)
+    keys = seg_index.astype(np.int64).reshape(-1) * gt_ids.size + gt_index.reshape(-1)
+    unique_keys, inverse = np.unique(keys, return_inverse=True)
+    pair_count = np.zeros(unique_keys.size, dtype=np.int64)
+    np.add.at(pair_count, inverse.reshape(-1), counts)
+    pair_segmentation = unique_keys // gt_ids.size
+    pair_gt = unique_keys % gt_ids.size
+    return ContingencyTable(
+        segmentation_ids=segmentation_ids,
+        gt_ids=gt_ids,
+        pair_segmentation=pair_segmentation,
+        pair_gt=pair_gt,
+        pair_count=pair_count,
+        segmentation_sizes=np.bincount(pair_segmentation, weights=pair_count, minlength=segmentation_ids.size)
+        .round()
+        .astype(np.int64),
+        gt_sizes=np.bincount(pair_gt, weights=pair_count, minlength=gt_ids.size).round().astype(np.int64),
+        n_voxels=int(pair_count.sum()),
+        n_total_voxels=n_total_voxels,
+    )
+
+
 def contingency_table(
     segmentation: np.ndarray,
     gt: np.ndarray,
@@ -191,68 +270,21 @@ def contingency_table(
         segmentation, gt = segmentation.reshape(1), gt.reshape(1)
 
     slabs = list(_slabs(segmentation, chunk_voxels)) if segmentation.size else []
-    counter = None
-    if slabs:
-        seg_min, seg_max = int(segmentation.min()), int(segmentation.max())
-        gt_min, gt_max = int(gt.min()), int(gt.max())
-        gt_range = gt_max - gt_min + 1
-        if (seg_max - seg_min + 1) * gt_range <= _KEY_LIMIT:
-            largest = max(segmentation[start:stop].size for start, stop in slabs)
-            counter = _SlabCounter(segmentation, gt, seg_min, gt_min, gt_range, largest)
-
+    counter = _key_counter(segmentation, gt, slabs)
+    count = counter.count if counter is not None else _count_slab_renumbered
     seg_parts: list[np.ndarray] = []
     gt_parts: list[np.ndarray] = []
     count_parts: list[np.ndarray] = []
     for start, stop in slabs:
-        count = counter.count if counter is not None else _count_slab_renumbered
-        seg_labels, gt_labels, counts = count(segmentation[start:stop], gt[start:stop])
-        # Ignored labels are dropped from the (small) slab table, never by masking the voxels.
-        keep = None
-        if ignore_gt_zero:
-            keep = gt_labels != 0
-        if ignore_segmentation_zero:
-            keep = seg_labels != 0 if keep is None else keep & (seg_labels != 0)
-        if keep is not None:
-            seg_labels, gt_labels, counts = seg_labels[keep], gt_labels[keep], counts[keep]
+        seg_labels, gt_labels, counts = _drop_ignored(
+            *count(segmentation[start:stop], gt[start:stop]),
+            ignore_gt_zero=ignore_gt_zero,
+            ignore_segmentation_zero=ignore_segmentation_zero,
+        )
         if counts.size:
             seg_parts.append(seg_labels)
             gt_parts.append(gt_labels)
             count_parts.append(counts)
-
     if not count_parts:
-        empty_index = np.zeros(0, dtype=np.int64)
-        return ContingencyTable(
-            segmentation_ids=np.zeros(0, dtype=segmentation.dtype),
-            gt_ids=np.zeros(0, dtype=gt.dtype),
-            pair_segmentation=empty_index,
-            pair_gt=empty_index,
-            pair_count=empty_index,
-            segmentation_sizes=empty_index,
-            gt_sizes=empty_index,
-            n_voxels=0,
-            n_total_voxels=int(segmentation.size),
-        )
-
-    # Merge the per-slab tables: small arrays (pairs, not voxels).
-    segmentation_ids, seg_index = np.unique(np.concatenate(seg_parts), return_inverse=True)
-    gt_ids, gt_index = np.unique(np.concatenate(gt_parts), return_inverse=True)
-    counts = np.concatenate(count_parts)
-    keys = seg_index.astype(np.int64).reshape(-1) * gt_ids.size + gt_index.reshape(-1)
-    unique_keys, inverse = np.unique(keys, return_inverse=True)
-    pair_count = np.zeros(unique_keys.size, dtype=np.int64)
-    np.add.at(pair_count, inverse.reshape(-1), counts)
-    pair_segmentation = unique_keys // gt_ids.size
-    pair_gt = unique_keys % gt_ids.size
-    return ContingencyTable(
-        segmentation_ids=segmentation_ids,
-        gt_ids=gt_ids,
-        pair_segmentation=pair_segmentation,
-        pair_gt=pair_gt,
-        pair_count=pair_count,
-        segmentation_sizes=np.bincount(pair_segmentation, weights=pair_count, minlength=segmentation_ids.size)
-        .round()
-        .astype(np.int64),
-        gt_sizes=np.bincount(pair_gt, weights=pair_count, minlength=gt_ids.size).round().astype(np.int64),
-        n_voxels=int(pair_count.sum()),
-        n_total_voxels=int(segmentation.size),
-    )
+        return _empty_table(segmentation.dtype, gt.dtype, int(segmentation.size))
+    return _merge_slab_tables(seg_parts, gt_parts, count_parts, int(segmentation.size))
