@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_data import make_tiny_train_opts, write_box_volume  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -32,71 +33,6 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-def write_box_volume(
-    path: Path,
-    shape: tuple[int, int, int] = (12, 40, 40),
-    seed: int = 0,
-    *,
-    labels: bool = True,
-    raw_shape: tuple[int, int, int] | None = None,
-) -> Path:
-    """Writes a tiny HDF5 volume of the dataset layout: boxes of distinct ids (6 sections deep, 7 x 7
-    voxels) separated by 1-voxel boundaries (label 0); the raw is bright inside boxes, dark on the
-    boundaries, plus noise. ``raw_shape`` replaces the raw by noise of another shape (shape errors);
-    ``labels=False`` writes raw only (unlabelled data)."""
-    import h5py
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    ids = np.zeros(shape, np.uint32)
-    next_id = 1
-    for z in range(0, shape[0], 6):
-        for y in range(0, shape[1], 8):
-            for x in range(0, shape[2], 8):
-                ids[z : z + 6, y + 1 : y + 8, x + 1 : x + 8] = next_id
-                next_id += 1
-    raw = np.where(ids > 0, 180, 40).astype(np.uint8) + rng.integers(0, 30, shape, dtype=np.uint8)
-    if raw_shape is not None:
-        raw = rng.integers(0, 255, raw_shape, dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        handle["volume"] = raw
-        if labels:
-            handle["labels"] = ids
-    return path
-
-
-TINY_TRAIN_OPTS = {
-    "MODEL.INPUT_SIZE": "[8, 32, 32]",
-    "MODEL.FILTERS": "[4, 8]",
-    "MODEL.POOL_Z": "[False]",
-    "MODEL.NORM_GROUPS": "2",
-    "MODEL.EMBEDDING_DIMENSION": "4",
-    "OPTIM.TOTAL_ITER": "6",
-    "OPTIM.BATCH_SIZE": "2",
-    "HARDWARE.NUM_WORKERS": "0",
-    "HARDWARE.DEVICE": "cpu",
-    "LOG.CHECKPOINT_FREQUENCY": "3",
-    "LOG.VAL_FREQUENCY": "3",
-    "LOG.VAL_PATCHES": "2",
-    "LOG.IMAGE_FREQUENCY": "3",
-    "LOG.LOG_FREQUENCY": "1",
-    "LOG.PROGRESS_BAR": "False",
-    "AUGMENTATION.ELASTIC.P": "0.0",
-}
-
-
-def make_tiny_train_opts(tmp_path: Path, **extra: str) -> list[str]:
-    """Writes a tiny train/val dataset under ``tmp_path/data`` and returns KEY VALUE overrides for a
-    6-iteration CPU run writing to ``tmp_path/runs``; ``extra`` (KEY_WITH_DOTS=value via a dict
-    splat) overrides or adds keys."""
-    for split, seed in (("train", 0), ("val", 1)):
-        write_box_volume(tmp_path / "data" / split / f"{split}.hdf", seed=seed)
-    opts = {"DATASET.DATA_ROOT": str(tmp_path / "data"), "LOG.OUTPUT_PATH": str(tmp_path / "runs"), **TINY_TRAIN_OPTS}
-    opts.update(extra)
-    return [item for pair in opts.items() for item in pair]
-
-
 @pytest.fixture
 def tiny_train_opts():
     """The factory :func:`make_tiny_train_opts` (tiny dataset + config overrides for a CPU run)."""
@@ -107,3 +43,35 @@ def tiny_train_opts():
 def box_volume():
     """The factory :func:`write_box_volume` (a tiny labelled HDF5 volume)."""
     return write_box_volume
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """Factory: makes a folder that this process cannot write (chmod 555, or `chattr +i` when the
+    tests run as root, who ignores permissions); skips the test where neither works. Restored at
+    teardown."""
+    import stat
+    import subprocess
+
+    made: list[tuple[Path, str]] = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+            made.append((folder, "chmod"))
+        else:
+            result = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+            if result.returncode != 0:
+                pytest.skip("running as root without `chattr +i`: no way to make a read-only folder")
+            made.append((folder, "chattr"))
+        if os.access(folder, os.W_OK):
+            pytest.skip(f"could not make {folder} read-only")
+        return folder
+
+    yield make
+    for folder, how in made:
+        if how == "chmod":
+            folder.chmod(0o755)
+        else:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)

@@ -27,20 +27,20 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import cc3d
 import fastremap
-import h5py
 import numpy as np
 from scipy import ndimage as ndi
 
 from melecole.data.volume import read_volume
 from melecole.errors import DataError
+from melecole.io import check_writable_folder
+from melecole.io.hdf5_output import create_hdf5
 from melecole.utils.cli import run_cli
-from melecole.utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ RESOLUTION_NM: tuple[float, float, float] = (30.0, 6.0, 6.0)
 # the objects near its faces, and misaligned sections are cut from this margin.
 _MARGIN_Z = 1
 _MARGIN_XY = 8
+# Spacing of skeleton samples along a tube, in physical units (in-plane pixels).
+_TUBE_STEP = 1.5
 
 
 @dataclass
@@ -131,6 +133,126 @@ def _random_direction(rng: np.random.Generator, bundle: np.ndarray) -> np.ndarra
     return _direction(rng.uniform(68.0, 90.0), rng.uniform(0.0, 2.0 * np.pi))
 
 
+@dataclass
+class _TubeParts:
+    """Tubes collected while tracing; :meth:`finish` turns them into :class:`_Tubes`."""
+
+    points: list[np.ndarray] = field(default_factory=list)  # (n, 3) skeletons
+    radii: list[np.ndarray] = field(default_factory=list)  # (n,) radii per skeleton
+    ids: list[np.ndarray] = field(default_factory=list)  # (n,) neurite id per skeleton
+    mitochondria: list[tuple[np.ndarray, float, int]] = field(default_factory=list)
+    boutons: list[tuple[np.ndarray, float, int]] = field(default_factory=list)
+    filled: float = 0.0  # summed tube volume inside the box so far
+
+    def add(self, skeleton: np.ndarray, radii: np.ndarray, neurite_id: int, extent: np.ndarray) -> None:
+        """Adds one (n, 3) skeleton with its (n,) radii; counts its volume inside [0, extent]."""
+        inside = np.all((skeleton >= 0) & (skeleton <= extent), axis=1)
+        self.filled += float(np.sum(np.pi * radii[inside] ** 2 * _TUBE_STEP))
+        self.points.append(skeleton)
+        self.radii.append(radii)
+        self.ids.append(np.full(len(skeleton), neurite_id))
+
+    def finish(self) -> _Tubes:
+        """All skeleton samples concatenated."""
+        return _Tubes(
+            points=np.concatenate(self.points),
+            radii=np.concatenate(self.radii),
+            ids=np.concatenate(self.ids),
+            mitochondria=self.mitochondria,
+            boutons=self.boutons,
+        )
+
+
+def _neurite_style(
+    rng: np.random.Generator, bundle: np.ndarray, is_dendrite: bool, radius_scale: float
+) -> tuple[float, np.ndarray, float]:
+    """Base radius (in-plane pixels), (3,) initial direction and wiggle of a new dendrite or axon."""
+    if is_dendrite:
+        base_radius = rng.uniform(14.0, 22.0) * radius_scale
+        direction = _random_direction(rng, bundle) if rng.random() < 0.5 else bundle
+        return base_radius, direction, 0.015
+    base_radius = float(np.clip(rng.lognormal(np.log(6.5), 0.35), 3.5, 12.0)) * radius_scale
+    direction = _random_direction(rng, bundle)
+    return base_radius, direction, rng.uniform(0.015, 0.04)
+
+
+def _branch_direction(rng: np.random.Generator, trunk: np.ndarray, index: int) -> np.ndarray:
+    """(3,) unit-ish direction of a branch leaving the (N, 3) ``trunk`` at ``index``, 30-75 degrees off it."""
+    trunk_direction = trunk[min(index + 1, len(trunk) - 1)] - trunk[max(index - 1, 0)]
+    trunk_direction /= np.linalg.norm(trunk_direction) + 1e-9
+    kick = rng.standard_normal(3)
+    kick -= kick.dot(trunk_direction) * trunk_direction
+    kick /= np.linalg.norm(kick) + 1e-9
+    angle = np.deg2rad(rng.uniform(30.0, 75.0))
+    return np.cos(angle) * trunk_direction + np.sin(angle) * kick
+
+
+def _neurite_skeletons(
+    rng: np.random.Generator,
+    extent: np.ndarray,
+    bounds: tuple[np.ndarray, np.ndarray],
+    direction: np.ndarray,
+    wiggle: float,
+    max_branches: int,
+    branch_probability: float,
+) -> list[np.ndarray]:
+    """(N, 3) skeletons of one neurite: the trunk through a random start, then its branches."""
+    low, high = bounds
+    start = rng.uniform(0.0, 1.0, 3) * extent
+    forward = _walk(rng, start, direction, low, high, _TUBE_STEP, wiggle)
+    backward = _walk(rng, start, -direction, low, high, _TUBE_STEP, wiggle)
+    skeletons = [np.concatenate([backward[::-1], forward[1:]], axis=0)]
+    for _ in range(rng.binomial(max_branches, branch_probability)):
+        trunk = skeletons[0]
+        if len(trunk) < 8:
+            break
+        index = int(rng.integers(len(trunk) // 4, 3 * len(trunk) // 4 + 1))
+        branch_direction = _branch_direction(rng, trunk, index)
+        skeletons.append(_walk(rng, trunk[index], branch_direction, low, high, _TUBE_STEP, wiggle))
+    return skeletons
+
+
+def _tube_radii(
+    rng: np.random.Generator,
+    skeleton: np.ndarray,
+    radius0: float,
+    is_dendrite: bool,
+    neurite_id: int,
+    boutons: list[tuple[np.ndarray, float, int]],
+) -> np.ndarray:
+    """(N,) radii along the (N, 3) ``skeleton``, at least 3; axons may get boutons (appended to ``boutons``)."""
+    n = len(skeleton)
+    radii = radius0 * np.exp(0.18 * _smooth_series(rng, n, 25.0 / _TUBE_STEP))
+    if not is_dendrite and rng.random() < 0.4:
+        # Varicosities (boutons): swellings that hold vesicle clusters.
+        arc = np.arange(n) * _TUBE_STEP
+        for centre in np.arange(rng.uniform(0.0, 80.0), arc[-1], rng.uniform(60.0, 140.0)):
+            width = rng.uniform(2.0, 3.0) * radius0
+            bump = 1.0 + rng.uniform(0.5, 1.0) * np.exp(-(((arc - centre) / width) ** 2))
+            radii *= bump
+            index = int(centre / _TUBE_STEP)
+            boutons.append((skeleton[index], float(0.9 * radii[index]), neurite_id))
+    return np.maximum(radii, 3.0)
+
+
+def _tube_mitochondria(
+    rng: np.random.Generator, skeleton: np.ndarray, radii: np.ndarray, is_dendrite: bool, neurite_id: int
+) -> list[tuple[np.ndarray, float, int]]:
+    """Mitochondria (points (M, 3), radius, owner): dark capsules along the axis of wide enough tubes."""
+    n = len(skeleton)
+    found = []
+    n_mitochondria = rng.poisson(3.5 if is_dendrite else 0.8) if radii.mean() > 5.0 else 0
+    for _ in range(n_mitochondria):
+        length = int(rng.uniform(12.0, 45.0) / _TUBE_STEP)
+        first = int(rng.integers(0, max(1, n - length)))
+        segment = slice(first, first + length)
+        radius = float(rng.uniform(0.4, 0.65) * np.min(radii[segment]))
+        if radius >= 2.0:
+            offset = rng.standard_normal(3) * 0.25 * radius
+            found.append((skeleton[segment] + offset, radius, neurite_id))
+    return found
+
+
 def _trace_tubes(
     rng: np.random.Generator,
     extent: np.ndarray,
@@ -144,85 +266,26 @@ def _trace_tubes(
     overlap; the dense partition later resolves that). A few thick dendrites with mitochondria,
     many thin axons, some with boutons (swellings holding vesicle clusters); some tubes branch.
     """
-    step = 1.5
-    low, high = -np.array([6.0, 12.0, 12.0]), extent + np.array([6.0, 12.0, 12.0])
+    bounds = (-np.array([6.0, 12.0, 12.0]), extent + np.array([6.0, 12.0, 12.0]))
     box_volume = float(np.prod(extent))
     bundle = _direction(rng.uniform(8.0, 30.0), rng.uniform(0.0, 2.0 * np.pi))
-    points: list[np.ndarray] = []
-    radii_list: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
-    mitochondria: list[tuple[np.ndarray, float, int]] = []
-    boutons: list[tuple[np.ndarray, float, int]] = []
-    filled = 0.0
+    parts = _TubeParts()
     neurite_id = 0
     n_dendrites = max(1, int(round(rng.uniform(0.6, 1.4) * box_volume / 1.5e6)))
-    while filled < fill_fraction * box_volume and neurite_id < 5000:
+    while parts.filled < fill_fraction * box_volume and neurite_id < 5000:
         neurite_id += 1
         is_dendrite = neurite_id <= n_dendrites
-        if is_dendrite:
-            base_radius = rng.uniform(14.0, 22.0) * radius_scale
-            direction = _random_direction(rng, bundle) if rng.random() < 0.5 else bundle
-            wiggle = 0.015
-        else:
-            base_radius = float(np.clip(rng.lognormal(np.log(6.5), 0.35), 3.5, 12.0)) * radius_scale
-            direction = _random_direction(rng, bundle)
-            wiggle = rng.uniform(0.015, 0.04)
-        start = rng.uniform(0.0, 1.0, 3) * extent
-        forward = _walk(rng, start, direction, low, high, step, wiggle)
-        backward = _walk(rng, start, -direction, low, high, step, wiggle)
-        skeletons = [np.concatenate([backward[::-1], forward[1:]], axis=0)]
-        for _ in range(rng.binomial(3 if is_dendrite else 1, branch_probability)):
-            trunk = skeletons[0]
-            if len(trunk) < 8:
-                break
-            index = int(rng.integers(len(trunk) // 4, 3 * len(trunk) // 4 + 1))
-            trunk_direction = trunk[min(index + 1, len(trunk) - 1)] - trunk[max(index - 1, 0)]
-            trunk_direction /= np.linalg.norm(trunk_direction) + 1e-9
-            kick = rng.standard_normal(3)
-            kick -= kick.dot(trunk_direction) * trunk_direction
-            kick /= np.linalg.norm(kick) + 1e-9
-            angle = np.deg2rad(rng.uniform(30.0, 75.0))
-            branch_direction = np.cos(angle) * trunk_direction + np.sin(angle) * kick
-            skeletons.append(_walk(rng, trunk[index], branch_direction, low, high, step, wiggle))
-
+        base_radius, direction, wiggle = _neurite_style(rng, bundle, is_dendrite, radius_scale)
+        max_branches = 3 if is_dendrite else 1
+        skeletons = _neurite_skeletons(rng, extent, bounds, direction, wiggle, max_branches, branch_probability)
         for branch_index, skeleton in enumerate(skeletons):
-            n = len(skeleton)
-            if n < 2:
+            if len(skeleton) < 2:
                 continue
             radius0 = base_radius if branch_index == 0 else max(3.0, base_radius * rng.uniform(0.4, 0.7))
-            radii = radius0 * np.exp(0.18 * _smooth_series(rng, n, 25.0 / step))
-            if not is_dendrite and rng.random() < 0.4:
-                # Varicosities (boutons): swellings that hold vesicle clusters.
-                arc = np.arange(n) * step
-                for centre in np.arange(rng.uniform(0.0, 80.0), arc[-1], rng.uniform(60.0, 140.0)):
-                    width = rng.uniform(2.0, 3.0) * radius0
-                    bump = 1.0 + rng.uniform(0.5, 1.0) * np.exp(-(((arc - centre) / width) ** 2))
-                    radii *= bump
-                    index = int(centre / step)
-                    boutons.append((skeleton[index], float(0.9 * radii[index]), neurite_id))
-            radii = np.maximum(radii, 3.0)
-            inside = np.all((skeleton >= 0) & (skeleton <= extent), axis=1)
-            filled += float(np.sum(np.pi * radii[inside] ** 2 * step))
-            points.append(skeleton)
-            radii_list.append(radii)
-            ids.append(np.full(n, neurite_id))
-            # Mitochondria: dark capsules along the axis of wide enough tubes.
-            n_mitochondria = rng.poisson(3.5 if is_dendrite else 0.8) if radii.mean() > 5.0 else 0
-            for _ in range(n_mitochondria):
-                length = int(rng.uniform(12.0, 45.0) / step)
-                first = int(rng.integers(0, max(1, n - length)))
-                segment = slice(first, first + length)
-                radius = float(rng.uniform(0.4, 0.65) * np.min(radii[segment]))
-                if radius >= 2.0:
-                    offset = rng.standard_normal(3) * 0.25 * radius
-                    mitochondria.append((skeleton[segment] + offset, radius, neurite_id))
-    return _Tubes(
-        points=np.concatenate(points),
-        radii=np.concatenate(radii_list),
-        ids=np.concatenate(ids),
-        mitochondria=mitochondria,
-        boutons=boutons,
-    )
+            radii = _tube_radii(rng, skeleton, radius0, is_dendrite, neurite_id, parts.boutons)
+            parts.add(skeleton, radii, neurite_id, extent)
+            parts.mitochondria += _tube_mitochondria(rng, skeleton, radii, is_dendrite, neurite_id)
+    return parts.finish()
 
 
 def _voxel_indices(points: np.ndarray, anisotropy: float, shape: Shape3D) -> tuple[np.ndarray, np.ndarray]:
@@ -452,6 +515,75 @@ def _section_offsets(
     return offsets, {"misaligned": jittered, "step_shift": step_shift}
 
 
+def _check_volume_request(shape: Sequence[int], seed: int) -> Shape3D:
+    """The (Z, Y, X) shape as ints; raises DataError for a bad shape or a negative seed."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError(f"shape must be three positive sizes (z, y, x), got {shape}")
+    if int(seed) < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed}")
+    return shape  # type: ignore[return-value]
+
+
+def _neurite_partition(
+    rng: np.random.Generator,
+    grid: Shape3D,
+    anisotropy: float,
+    fill_fraction: float,
+    radius_scale: float,
+    branch_probability: float,
+    min_fragment_voxels: int,
+) -> tuple[_Tubes, np.ndarray]:
+    """Traced tubes and the dense (Z, Y, X) int64 neurite partition of the working ``grid`` (no membranes yet)."""
+    # Tubes live in the working grid's physical frame: voxel (z, y, x) sits at (z * anisotropy, y, x).
+    extent = np.array([(grid[0] - 1) * anisotropy, grid[1] - 1, grid[2] - 1], dtype=np.float64)
+    tubes = _trace_tubes(rng, extent, fill_fraction, radius_scale, branch_probability)
+    dense = _dense_labels(tubes, grid, anisotropy)
+    dense = _warp_sections(rng, dense, amplitude=2.8)
+    return tubes, _absorb_fragments(dense, min_fragment_voxels, anisotropy)
+
+
+def _render_grid(
+    rng: np.random.Generator, tubes: _Tubes, dense: np.ndarray, anisotropy: float, membrane_gaps: float, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Membranes, organelles and raw for the (Z, Y, X) partition ``dense``.
+
+    Returns float32 raw and int64 labels (0 on membranes), both of the grid's shape.
+    """
+    membranes = _membrane_mask(rng, dense)
+    mitochondria, vesicle_clusters = _organelles(tubes, dense, membranes, anisotropy)
+    raw = _render(rng, dense, membranes, mitochondria, vesicle_clusters, membrane_gaps, noise)
+    return raw, np.where(membranes, 0, dense)
+
+
+def _crop_sections(
+    raw: np.ndarray, labels: np.ndarray, shape: Shape3D, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts the (Z, Y, X) ``shape`` out of the working grid, each section shifted by its (Z, 2) offset.
+
+    Returns float32 raw and int64 labels of ``shape``.
+    """
+    raw_out = np.empty(shape, dtype=np.float32)
+    labels_out = np.empty(shape, dtype=np.int64)
+    for z in range(shape[0]):
+        y0, x0 = _MARGIN_XY + offsets[z]
+        raw_out[z] = raw[z + _MARGIN_Z, y0 : y0 + shape[1], x0 : x0 + shape[2]]
+        labels_out[z] = labels[z + _MARGIN_Z, y0 : y0 + shape[1], x0 : x0 + shape[2]]
+    return raw_out, labels_out
+
+
+def _object_labels(labels: np.ndarray, min_object_voxels: int) -> np.ndarray:
+    """(Z, Y, X) uint32 ids 1..N of the 6-connected pieces of ``labels``; pieces below the size become 0."""
+    components = cc3d.connected_components(labels, connectivity=6, out_dtype=np.uint32)
+    sizes = np.bincount(components.ravel())
+    small = np.flatnonzero(sizes < min_object_voxels)
+    small = small[small > 0]
+    if len(small):
+        components = fastremap.mask(components, small)
+    components, _ = fastremap.renumber(components, in_place=True)
+    return components.astype(np.uint32, copy=False)
+
+
 def generate_volume(
     shape: Sequence[int] = DEFAULT_SHAPE,
     seed: int = 0,
@@ -493,44 +625,22 @@ def generate_volume(
             component.
         info: only with ``return_info``.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise DataError(f"shape must be three positive sizes (z, y, x), got {shape}")
-    if int(seed) < 0:
-        raise DataError(f"seed must be a non-negative integer, got {seed}")
+    shape = _check_volume_request(shape, seed)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5E6]))
     grid: Shape3D = (shape[0] + 2 * _MARGIN_Z, shape[1] + 2 * _MARGIN_XY, shape[2] + 2 * _MARGIN_XY)
-    # Tubes live in the working grid's physical frame: voxel (z, y, x) sits at (z * anisotropy, y, x).
-    extent = np.array([(grid[0] - 1) * anisotropy, grid[1] - 1, grid[2] - 1], dtype=np.float64)
-    tubes = _trace_tubes(rng, extent, fill_fraction, radius_scale, branch_probability)
-    dense = _dense_labels(tubes, grid, anisotropy)
-    dense = _warp_sections(rng, dense, amplitude=2.8)
-    dense = _absorb_fragments(dense, min_fragment_voxels, anisotropy)
-    membranes = _membrane_mask(rng, dense)
-    mitochondria, vesicle_clusters = _organelles(tubes, dense, membranes, anisotropy)
-    raw = _render(rng, dense, membranes, mitochondria, vesicle_clusters, membrane_gaps, noise)
-    labels = np.where(membranes, 0, dense)
+    tubes, dense = _neurite_partition(
+        rng, grid, anisotropy, fill_fraction, radius_scale, branch_probability, min_fragment_voxels
+    )
+    raw, labels = _render_grid(rng, tubes, dense, anisotropy, membrane_gaps, noise)
 
     offsets, alignment = _section_offsets(rng, shape[0], defects)
-    raw_out = np.empty(shape, dtype=np.float32)
-    labels_out = np.empty(shape, dtype=np.int64)
-    for z in range(shape[0]):
-        y0, x0 = _MARGIN_XY + offsets[z]
-        raw_out[z] = raw[z + _MARGIN_Z, y0 : y0 + shape[1], x0 : x0 + shape[2]]
-        labels_out[z] = labels[z + _MARGIN_Z, y0 : y0 + shape[1], x0 : x0 + shape[2]]
+    raw_out, labels_out = _crop_sections(raw, labels, shape, offsets)
     defect_log: dict[str, list] = {"missing": [], "low_contrast": [], "blurred": []}
     if defects:
         raw_out, defect_log = _section_defects(rng, raw_out)
     defect_log.update(alignment)
 
-    components = cc3d.connected_components(labels_out, connectivity=6, out_dtype=np.uint32)
-    sizes = np.bincount(components.ravel())
-    small = np.flatnonzero(sizes < min_object_voxels)
-    small = small[small > 0]
-    if len(small):
-        components = fastremap.mask(components, small)
-    components, _ = fastremap.renumber(components, in_place=True)
-    components = components.astype(np.uint32, copy=False)
+    components = _object_labels(labels_out, min_object_voxels)
     raw_uint8 = np.clip(np.rint(raw_out), 0, 255).astype(np.uint8)
     if not return_info:
         return raw_uint8, components
@@ -551,18 +661,15 @@ def _volume_seed(seed: int, split: str, index: int) -> int:
 def write_dataset_file(
     path: str | os.PathLike, raw: np.ndarray, labels: np.ndarray, attributes: dict | None = None
 ) -> Path:
-    """Writes raw (``volume``) and ``labels`` gzip-compressed to an HDF5 file, atomically."""
+    """Writes raw (``volume``) and ``labels`` gzip-compressed to an HDF5 file, atomically (a full
+    disk is a one-line DataError; the file gets the usual 0666 & ~umask permissions)."""
     path = Path(path)
-    with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as handle:
-            chunks = tuple(min(n, c) for n, c in zip(raw.shape, (16, 64, 64)))
-            handle.create_dataset("volume", data=raw, compression="gzip", compression_opts=4, chunks=chunks)
-            handle.create_dataset(
-                "labels", data=labels, compression="gzip", compression_opts=4, chunks=chunks
-            )
-            for key, value in (attributes or {}).items():
-                handle.attrs[key] = value
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a dataset file is meant to be shared
+    with create_hdf5(path) as handle:
+        chunks = tuple(min(n, c) for n, c in zip(raw.shape, (16, 64, 64)))
+        handle.create_dataset("volume", data=raw, compression="gzip", compression_opts=4, chunks=chunks)
+        handle.create_dataset("labels", data=labels, compression="gzip", compression_opts=4, chunks=chunks)
+        for key, value in (attributes or {}).items():
+            handle.attrs[key] = value
     return path
 
 
@@ -575,7 +682,7 @@ def generate_dataset(
     defect_splits: Sequence[str] = DEFAULT_DEFECT_SPLITS,
     **params: float,
 ) -> list[Path]:
-    """Writes ``<out>/<split>/synthetic_<split>_<i>.hdf`` for every split (the DESIGN layout).
+    """Writes ``<out>/<split>/synthetic_<split>_<i>.hdf`` for every split (the layout of docs/ARCHITECTURE.md).
 
     Args:
         out: dataset root folder.
@@ -647,6 +754,32 @@ def threshold_baseline(
     }
 
 
+def dataset_files(out: str | os.PathLike, splits: dict[str, int] | None = None) -> list[Path]:
+    """The files :func:`generate_dataset` writes: ``<out>/<split>/synthetic_<split>_<i>.hdf``."""
+    splits = dict(DEFAULT_SPLITS if splits is None else splits)
+    names = [(split, index) for split, count in splits.items() for index in range(count)]
+    return [Path(out) / split / f"synthetic_{split}_{index:02d}.hdf" for split, index in names]
+
+
+def check_output(out: str | os.PathLike, seed: int, *, overwrite: bool = False) -> None:
+    """Checks the CLI's --out and --seed before anything is generated.
+
+    Raises:
+        DataError: a negative seed, an --out that is a file or cannot be written, or an existing
+            dataset there without ``overwrite``.
+    """
+    if seed < 0:
+        raise DataError(f"--seed: {seed}, expected an integer >= 0")
+    for folder in [Path(out)] + sorted({path.parent for path in dataset_files(out)}):
+        check_writable_folder(folder, f"--out '{out}'")
+    existing = [path for path in dataset_files(out) if path.exists()]
+    if existing and not overwrite:
+        raise DataError(
+            f"--out '{out}': a dataset exists there ({len(existing)} files, e.g. {existing[0]}), "
+            "expected a new folder (or pass --overwrite to replace it)"
+        )
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     """CLI: python -m melecole.data.synthetic --out dataset/synthetic --seed 0 [--small]."""
@@ -656,7 +789,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help=f"tiny volumes {SMALL_SHAPE} for tests")
     parser.add_argument("--no-defects", action="store_true", help="no section defects, not even in train")
     parser.add_argument("--baseline", action="store_true", help="log the naive threshold baseline on val")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
     args = parser.parse_args(argv)
+    check_output(args.out, args.seed, overwrite=args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     shape = SMALL_SHAPE if args.small else DEFAULT_SHAPE

@@ -1,4 +1,4 @@
-"""Reading HDF5 volumes of the dataset layout in DESIGN.md: ``<DATA_ROOT>/<split>/*.hdf``.
+"""Reading HDF5 volumes of the dataset layout in docs/ARCHITECTURE.md: ``<DATA_ROOT>/<split>/*.hdf``.
 
 Each file holds a raw volume (``DATASET.RAW_KEY``, uint8 (z, y, x), possibly padded by
 ``DATASET.PADDING`` context voxels on each side) and optionally neuron labels
@@ -20,6 +20,7 @@ from yacs.config import CfgNode
 from melecole.errors import DataError
 from melecole.io import (
     HDF5_SUFFIXES,
+    check_finite,
     hdf5_dataset_names,
     inner_region,
     intensity_range,
@@ -81,41 +82,16 @@ def _read_dataset(path: Path, key: str, field: str) -> np.ndarray:
     volume = open_hdf5_volume(path, key, hint=field)
     if volume.ndim != 3:
         raise DataError(f"file '{path}': '{key}' ({field}) must be 3D (z, y, x), got shape {volume.shape}")
+    if min(volume.shape) < 1:
+        raise DataError(
+            f"file '{path}': '{key}' ({field}) has shape {volume.shape}, expected a non-empty (z, y, x) volume"
+        )
     return volume.read()
 
 
-def read_volume(
-    path: str | os.PathLike,
-    raw_key: str = "volume",
-    label_key: str | None = "labels",
-    padding: Sequence[int] = (0, 0, 0),
-    *,
-    labels_optional: bool = False,
-) -> Volume:
-    """Reads one HDF5 volume and checks it against the dataset layout.
-
-    The raw shape must equal ``labels.shape + 2 * padding`` (padded raw) or ``labels.shape``. In the
-    second case the raw is taken as unpadded and the effective padding is (0, 0, 0), whatever
-    ``padding`` says, so a dataset may mix padded and unpadded files. Without labels
-    (``label_key`` None or "", or absent from the file with ``labels_optional``) the whole raw is
-    used and the effective padding is (0, 0, 0).
-
-    Raises:
-        DataError: the file is missing or not HDF5, a key is missing, an array is not 3D, the
-            labels are not integers, or the shapes do not fit.
-    """
-    path = Path(path)
-    padding = tuple(int(p) for p in padding)
-    if len(padding) != 3 or min(padding) < 0:
-        raise DataError(f"DATASET.PADDING must be 3 integers >= 0 (z, y, x), got {list(padding)}")
-    raw = _read_dataset(path, raw_key, "DATASET.RAW_KEY")
-    if label_key and labels_optional and label_key not in hdf5_dataset_names(path):
-        label_key = None
-    labels = _read_dataset(path, label_key, "DATASET.LABEL_KEY") if label_key else None
-    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
-        raise DataError(f"file '{path}': raw '{raw_key}' has non-numeric dtype {raw.dtype}")
-    if labels is None:
-        return Volume(raw=raw, labels=None, padding=(0, 0, 0), path=path, value_range=intensity_range(raw))
+def _check_labels(path: Path, label_key: str, labels: np.ndarray, warn_unlabelled: bool) -> np.ndarray:
+    """Integer, non-negative ids as uint32 / uint64; warns when every voxel is 0 (nothing to learn
+    from or to score)."""
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
         raise DataError(
             f"file '{path}': labels '{label_key}' (DATASET.LABEL_KEY) must be integer ids, "
@@ -127,6 +103,52 @@ def read_volume(
         labels = labels.astype(np.uint64 if labels.dtype.itemsize > 4 else np.uint32)
     elif labels.dtype.itemsize < 4:
         labels = labels.astype(np.uint32)
+    if warn_unlabelled and not labels.any():
+        logger.warning(
+            "file '%s': labels '%s' (DATASET.LABEL_KEY) are all 0 (no labelled voxel): "
+            "nothing to learn from or to score in this volume",
+            path,
+            label_key,
+        )
+    return labels
+
+
+def read_volume(
+    path: str | os.PathLike,
+    raw_key: str = "volume",
+    label_key: str | None = "labels",
+    padding: Sequence[int] = (0, 0, 0),
+    *,
+    labels_optional: bool = False,
+    warn_unlabelled: bool = True,
+) -> Volume:
+    """Reads one HDF5 volume and checks it against the dataset layout.
+
+    The raw shape must equal ``labels.shape + 2 * padding`` (padded raw) or ``labels.shape``. In the
+    second case the raw is taken as unpadded and the effective padding is (0, 0, 0), whatever
+    ``padding`` says, so a dataset may mix padded and unpadded files. Without labels
+    (``label_key`` None or "", or absent from the file with ``labels_optional``) the whole raw is
+    used and the effective padding is (0, 0, 0). Labels that are all 0 are logged as a warning
+    naming the file (unless ``warn_unlabelled`` is False: the caller reports it).
+
+    Raises:
+        DataError: the file is missing or not HDF5, a key is missing, an array is not 3D or is
+            empty, the raw holds NaN / Inf, the labels are not integers, or the shapes do not fit.
+    """
+    path = Path(path)
+    padding = tuple(int(p) for p in padding)
+    if len(padding) != 3 or min(padding) < 0:
+        raise DataError(f"DATASET.PADDING must be 3 integers >= 0 (z, y, x), got {list(padding)}")
+    raw = _read_dataset(path, raw_key, "DATASET.RAW_KEY")
+    if label_key and labels_optional and label_key not in hdf5_dataset_names(path):
+        label_key = None
+    labels = _read_dataset(path, label_key, "DATASET.LABEL_KEY") if label_key else None
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        raise DataError(f"file '{path}': raw '{raw_key}' has non-numeric dtype {raw.dtype}")
+    check_finite(raw, f"file '{path}': raw '{raw_key}' (DATASET.RAW_KEY)")
+    if labels is None:
+        return Volume(raw=raw, labels=None, padding=(0, 0, 0), path=path, value_range=intensity_range(raw))
+    labels = _check_labels(path, label_key, labels, warn_unlabelled)
     if raw.shape == labels.shape:
         if any(padding):
             logger.info("%s: raw and labels have the same shape; using padding (0, 0, 0) for this file", path)

@@ -6,14 +6,19 @@ VI split/merge (bits), adapted Rand error, offenders:
         --segmentation results/last/val_segmentation.hdf --membranes results/last/val_membranes.hdf
 
 With --membranes, the connected components of the foreground probability (> --threshold) are
-scored as a baseline. A cell-size histogram is written beside the segmentation file.
+scored as a baseline; segmentation and membranes must come from one infer.py run (their
+fingerprints must agree). A volume larger than the ground truth (or smaller) by the same number of
+voxels on both sides of each axis, e.g. padded raw context, is center-cropped to fit (as view.py
+does). A cell-size histogram is written beside the segmentation file (a warning if it cannot be).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 
+from melecole.errors import ConfigError
 from melecole.evaluation.report import evaluate_files, format_report, write_json
 from melecole.utils.cli import run_cli
 
@@ -46,9 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """One-line errors for values argparse accepts but the evaluation cannot use."""
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ConfigError(f"--threshold: {args.threshold:g}, expected a foreground probability in [0, 1]")
+    if args.top < 0:
+        raise ConfigError(f"--top: {args.top}, expected a number of offenders >= 0")
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_flags(args)
     report = evaluate_files(
         args.gt,
         args.segmentation,
@@ -62,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top,
         histogram_path=args.histogram,
     )
-    print(format_report(report))
+    print(format_report(report), flush=True)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         write_json(report, args.json)
         print(f"json: {args.json}")

@@ -1,6 +1,6 @@
 """Variation of information and adapted Rand error from one sparse contingency table.
 
-Conventions (docs: /work/shared/DESIGN.md, Metrics):
+Conventions (docs: docs/ARCHITECTURE.md, Metrics):
 
 - VI split = H(seg | gt) (over-segmentation), VI merge = H(gt | seg) (under-segmentation), in bits
   by default. GT label 0 (boundary / unlabelled) is ignored; predicted label 0 is an ordinary

@@ -16,7 +16,7 @@ from melecole.evaluation.baseline import connected_components_baseline
 from melecole.evaluation.contingency import ContingencyTable
 from melecole.evaluation.metrics import Offender, SegmentationScores, build_table, scores_from_table
 from melecole.evaluation.volumes import align_to_gt, foreground_probability
-from melecole.io import open_hdf5_volume
+from melecole.io import check_same_fingerprint, open_hdf5_volume, output_error
 from melecole.utils.files import atomic_path, atomic_write_text
 
 DEFAULT_GT_KEY = "labels"
@@ -89,6 +89,7 @@ class EvaluationReport:
     results: list[EvaluatedVolume]
     inputs: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # printed after the scores (e.g. no histogram)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +151,86 @@ def _describe(path: Path, key: str, array: np.ndarray) -> str:
     return f"{path} [{key}] shape {array.shape} {array.dtype}"
 
 
+def _read_labels(
+    gt_path: Path, gt_key: str | None, segmentation_path: Path, segmentation_key: str | None
+) -> tuple[np.ndarray, str, np.ndarray, str, dict[str, str]]:
+    """Reads the GT and segmentation label volumes.
+
+    Returns:
+        ``(gt, gt key read, segmentation, segmentation key read, description of each by role)``.
+
+    Raises:
+        DataError: a file or key is missing, or a volume does not hold integer labels.
+    """
+    gt, gt_key_used = read_hdf5_volume(gt_path, gt_key, default_key=DEFAULT_GT_KEY, role="ground truth")
+    segmentation, segmentation_key_used = read_hdf5_volume(
+        segmentation_path, segmentation_key, default_key=DEFAULT_SEGMENTATION_KEY, role="segmentation"
+    )
+    described = {
+        "ground truth": _describe(gt_path, gt_key_used, gt),
+        "segmentation": _describe(segmentation_path, segmentation_key_used, segmentation),
+    }
+    _require_integer_labels(gt, "ground truth", gt_path, gt_key_used)
+    _require_integer_labels(segmentation, "segmentation", segmentation_path, segmentation_key_used)
+    return gt, gt_key_used, segmentation, segmentation_key_used, described
+
+
+def _require_integer_labels(array: np.ndarray, role: str, path: Path, key: str) -> None:
+    """Raises DataError unless ``array`` (read from ``path`` [``key``]) holds integer labels; ground
+    truth ids must be >= 0 (0 = boundary / unlabelled)."""
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{role} {path} [{key}] must hold integer labels, got {array.dtype}")
+    if role == "ground truth" and np.issubdtype(array.dtype, np.signedinteger) and array.size:
+        smallest = int(array.min())
+        if smallest < 0:
+            raise DataError(
+                f"{role} {path} [{key}]: negative ids (smallest {smallest}), "
+                "expected ids >= 0 (0 = boundary / unlabelled)"
+            )
+
+
+def _evaluate_volume(
+    name: str, segmentation: np.ndarray, gt: np.ndarray, *, log_base: float, top_k: int, compat_original: bool
+) -> EvaluatedVolume:
+    """Contingency table and scores of one (Z, Y, X) segmentation against the aligned GT."""
+    table = build_table(segmentation, gt, compat_original=compat_original)
+    scores = scores_from_table(table, log_base=log_base, top_k=top_k, compat_original=compat_original)
+    return EvaluatedVolume(name, scores, table)
+
+
+def _evaluate_baseline(
+    membranes_path: Path,
+    membranes_key: str | None,
+    gt: np.ndarray,
+    gt_path: Path,
+    threshold: float,
+    scoring: dict[str, Any],
+    *,
+    described: dict[str, str],
+    notes: list[str],
+) -> tuple[EvaluatedVolume, str]:
+    """Scores the connected-components baseline of a membranes / foreground file against ``gt``.
+
+    Adds the file's description to ``described`` and any alignment note to ``notes``.
+
+    Returns:
+        ``(baseline result, membranes key actually read)``.
+    """
+    membranes, membranes_key_used = read_hdf5_volume(
+        membranes_path, membranes_key, default_key=DEFAULT_MEMBRANES_KEY, role="membranes"
+    )
+    described["membranes"] = _describe(membranes_path, membranes_key_used, membranes)
+    probability = foreground_probability(membranes, name=f"membranes {membranes_path} [{membranes_key_used}]")
+    probability, gt_for_baseline, baseline_alignment = align_to_gt(
+        probability, gt, volume_name=f"membranes {membranes_path}", gt_name=f"ground truth {gt_path}"
+    )
+    if baseline_alignment.changed:
+        notes.append("alignment: " + baseline_alignment.describe("membranes", "ground truth"))
+    baseline = connected_components_baseline(probability, threshold)
+    name = f"CC baseline (p > {threshold:g})"
+    return _evaluate_volume(name, baseline, gt_for_baseline, **scoring), membranes_key_used
+
+
 def evaluate_files(
     gt_path: str | os.PathLike,
     segmentation_path: str | os.PathLike,
@@ -167,27 +248,21 @@ def evaluate_files(
     """Evaluates a segmentation file (and optionally the CC baseline of a foreground file) against GT.
 
     Writes the cell-size histogram to ``histogram_path`` (default ``<seg stem>_cell_sizes.png``
-    beside the segmentation). Shapes are aligned with :func:`align_to_gt` (padding is cropped).
+    beside the segmentation); if that fails, ``report.warnings`` says so. Shapes are aligned with
+    :func:`align_to_gt`: a volume larger than the other by a symmetric padding is center-cropped.
+
+    Raises:
+        DataError: unreadable inputs, shapes that do not fit, negative ground-truth ids, or a
+            segmentation and membranes file from different inference runs (fingerprints differ).
     """
     gt_path, segmentation_path = Path(gt_path), Path(segmentation_path)
+    check_same_fingerprint({"--segmentation": segmentation_path, "--membranes": membranes_path})
     if compat_original:
         log_base = math.e
-    gt, gt_key_used = read_hdf5_volume(gt_path, gt_key, default_key=DEFAULT_GT_KEY, role="ground truth")
-    segmentation, segmentation_key_used = read_hdf5_volume(
-        segmentation_path, segmentation_key, default_key=DEFAULT_SEGMENTATION_KEY, role="segmentation"
+    gt, gt_key_used, segmentation, segmentation_key_used, described = _read_labels(
+        gt_path, gt_key, segmentation_path, segmentation_key
     )
-    described = {
-        "ground truth": _describe(gt_path, gt_key_used, gt),
-        "segmentation": _describe(segmentation_path, segmentation_key_used, segmentation),
-    }
     notes: list[str] = []
-    if not np.issubdtype(gt.dtype, np.integer):
-        raise DataError(f"ground truth {gt_path} [{gt_key_used}] must hold integer labels, got {gt.dtype}")
-    if not np.issubdtype(segmentation.dtype, np.integer):
-        raise DataError(
-            f"segmentation {segmentation_path} [{segmentation_key_used}] must hold integer labels, "
-            f"got {segmentation.dtype}"
-        )
     segmentation, gt_for_segmentation, alignment = align_to_gt(
         segmentation, gt, volume_name=f"segmentation {segmentation_path}", gt_name=f"ground truth {gt_path}"
     )
@@ -204,47 +279,42 @@ def evaluate_files(
         "compat_original": compat_original,
         "described": described,
     }
-
-    results = []
-    table = build_table(segmentation, gt_for_segmentation, compat_original=compat_original)
-    scores = scores_from_table(table, log_base=log_base, top_k=top_k, compat_original=compat_original)
-    results.append(EvaluatedVolume("segmentation", scores, table))
-
+    scoring = {"log_base": log_base, "top_k": top_k, "compat_original": compat_original}
+    results = [_evaluate_volume("segmentation", segmentation, gt_for_segmentation, **scoring)]
     if membranes_path is not None:
         membranes_path = Path(membranes_path)
-        membranes, membranes_key_used = read_hdf5_volume(
-            membranes_path, membranes_key, default_key=DEFAULT_MEMBRANES_KEY, role="membranes"
+        baseline, membranes_key_used = _evaluate_baseline(
+            membranes_path, membranes_key, gt, gt_path, threshold, scoring, described=described, notes=notes
         )
-        described["membranes"] = _describe(membranes_path, membranes_key_used, membranes)
-        probability = foreground_probability(
-            membranes, name=f"membranes {membranes_path} [{membranes_key_used}]"
-        )
-        probability, gt_for_baseline, baseline_alignment = align_to_gt(
-            probability, gt, volume_name=f"membranes {membranes_path}", gt_name=f"ground truth {gt_path}"
-        )
-        if baseline_alignment.changed:
-            notes.append("alignment: " + baseline_alignment.describe("membranes", "ground truth"))
-        baseline = connected_components_baseline(probability, threshold)
-        baseline_table = build_table(baseline, gt_for_baseline, compat_original=compat_original)
-        baseline_scores = scores_from_table(
-            baseline_table, log_base=log_base, top_k=top_k, compat_original=compat_original
-        )
-        results.append(EvaluatedVolume(f"CC baseline (p > {threshold:g})", baseline_scores, baseline_table))
+        results.append(baseline)
         inputs.update(membranes=str(membranes_path), membranes_key=membranes_key_used, threshold=threshold)
 
+    report = EvaluationReport(results=results, inputs=inputs, notes=notes)
     if histogram_path is None:
         histogram_path = segmentation_path.with_name(f"{segmentation_path.stem}_cell_sizes.png")
-    plot_cell_sizes(
-        histogram_path,
-        table.segmentation_sizes,
-        table.gt_sizes,
-        title=f"cell sizes: {segmentation_path.name}",
-    )
-    notes.append(f"cell-size histogram: {histogram_path}")
-    inputs["histogram"] = str(histogram_path)
-    return EvaluationReport(results=results, inputs=inputs, notes=notes)
+    _write_histogram(report, Path(histogram_path), segmentation_path.name)
+    return report
+
+
+def _write_histogram(report: EvaluationReport, path: Path, name: str) -> None:
+    """The cell-size PNG; a folder that cannot be written becomes a warning of the report (the
+    scores stand without the picture)."""
+    table = report.results[0].table
+    try:
+        plot_cell_sizes(path, table.segmentation_sizes, table.gt_sizes, title=f"cell sizes: {name}")
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        report.warnings.append(
+            f"{path}: cell-size histogram not written ({reason}); choose another path with --histogram"
+        )
+        return
+    report.notes.append(f"cell-size histogram: {path}")
+    report.inputs["histogram"] = str(path)
 
 
 def write_json(report: EvaluationReport, path: str | os.PathLike) -> None:
-    """All numbers of the report as JSON, written atomically."""
-    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    """All numbers of the report as JSON, written atomically (a failed write is a one-line DataError)."""
+    try:
+        atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    except OSError as error:
+        raise output_error(path, error) from None

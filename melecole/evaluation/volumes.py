@@ -42,7 +42,7 @@ def align_to_gt(
 ) -> tuple[np.ndarray, np.ndarray, Alignment]:
     """Center-crops whichever of ``volume`` / ``gt`` is larger on each axis so the shapes match.
 
-    Raw volumes may be padded by DATASET.PADDING context on each side (DESIGN.md, Dataset layout),
+    Raw volumes may be padded by DATASET.PADDING context on each side (docs/ARCHITECTURE.md, Dataset layout),
     so a prediction can be larger than its GT by ``2 * padding`` (or a padded GT larger than the
     prediction). Crops are views, nothing is copied.
 

@@ -1,6 +1,6 @@
 """Embeddings -> affinities (Lee et al. 2019) and affinity helpers.
 
-Affinity channel ``c`` at voxel ``p`` concerns the pair ``(p, p + offsets[c])`` (DESIGN.md):
+Affinity channel ``c`` at voxel ``p`` concerns the pair ``(p, p + offsets[c])`` (docs/ARCHITECTURE.md):
 
     d = ||e_p - e_{p+o}||   (l1 or l2, the norm of the metric loss, LOSS.NORM)
     a = max(0, 1 - d / (2 * delta_d))^2      in [0, 1], 1 = same object

@@ -30,7 +30,16 @@ from melecole.errors import ConfigError, DataError
 from melecole.inference.options import PredictOptions, default_stride, offset_reach
 from melecole.inference.outputs import encode_probabilities
 from melecole.inference.sliding_window import predict_volume
-from melecole.io import LazyVolume, VolumeWriter, create_volume, iter_blocks, model_input, open_volume
+from melecole.io import (
+    LazyVolume,
+    VolumeWriter,
+    check_finite,
+    create_volume,
+    iter_blocks,
+    model_input,
+    open_volume,
+    output_error,
+)
 from melecole.utils.progress import progress_bar
 
 __all__ = [
@@ -158,6 +167,18 @@ def _open_writers(
     return writers
 
 
+def _read_padded(
+    volume: LazyVolume, block: tuple[slice, ...], halo: Sequence[int], value_range: Sequence[float] | None
+) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Model input of ``block`` plus ``halo`` (clipped at the volume border), and where the block
+    lies inside it; a block with NaN / Inf is a DataError naming the volume and the block."""
+    padded = tuple(slice(max(0, b.start - h), min(size, b.stop + h)) for b, h, size in zip(block, halo, volume.shape))
+    inner = tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(block, padded))
+    raw = volume.read(padded)
+    check_finite(raw, f"input '{volume.url}' block {[(p.start, p.stop) for p in padded]} (z, y, x)")
+    return model_input(raw, value_range), inner
+
+
 def predict_affinities_chunked(
     model: torch.nn.Module,
     source: str | os.PathLike | LazyVolume,
@@ -217,32 +238,38 @@ def predict_affinities_chunked(
     blocks = list(iter_blocks(volume.shape, plan.chunk_shape))
     try:
         for block in progress_bar(blocks, desc="blocks", unit="block", enabled=progress):
-            padded = tuple(
-                slice(max(0, b.start - h), min(size, b.stop + h)) for b, h, size in zip(block, plan.halo, volume.shape)
-            )
-            raw = model_input(volume.read(padded), value_range)
+            raw, inner = _read_padded(volume, block, plan.halo, value_range)
             outputs = predictor(model, raw, offsets=plan.offsets, window=window, progress=False, **predict_kwargs)
-            inner = tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(block, padded))
             for writer, output, box in zip(writers, outputs, ((slice(None),) + block, block)):
                 if writer is not None:
                     writer.write(box, encode_probabilities(output[(Ellipsis,) + inner], dtype))
             del raw, outputs
-    except BaseException:
+    except BaseException as error:
         for writer in filter(None, writers):
             writer.abort()
+        if isinstance(error, OSError):  # full disk, quota: one line, the temporary folders are gone
+            raise output_error(sink, error) from None
         raise
     for writer in filter(None, writers):
         writer.commit()
     seconds = time.perf_counter() - start_time
     affinity_writer, foreground_writer = writers
     logger.info("predicted %d blocks of %s into %s in %.1f s", len(blocks), plan.chunk_shape, sink, seconds)
-    return ChunkedPrediction(
-        affinities_url=affinity_writer.url,
-        foreground_url=foreground_writer.url if foreground_writer is not None else None,
-        shape=affinity_writer.shape,
-        chunks=len(blocks),
-        seconds=seconds,
-    )
+    foreground_url = foreground_writer.url if foreground_writer is not None else None
+    return ChunkedPrediction(affinity_writer.url, foreground_url, affinity_writer.shape, len(blocks), seconds)
+
+
+def _store_geometry(
+    options: PredictOptions, chunk_shape: Sequence[int] | None, halo: Sequence[int] | None
+) -> tuple[list[int], list[int]]:
+    """(block rounded up to a multiple of the stride, halo (default :func:`exact_halo`)), checked."""
+    halo = exact_halo(options.window, options.stride) if halo is None else [int(h) for h in halo]
+    chunk = [math.ceil(int(c) / s) * s for c, s in zip(chunk_shape or DEFAULT_CHUNK, options.stride)]
+    if len(halo) != 3 or any(h < r for h, r in zip(halo, options.reach)):
+        raise ConfigError(f"--halo {halo} must be 3 values, each at least the largest |offset| {list(options.reach)}")
+    if len(chunk) != 3 or min(chunk) < 1:
+        raise ConfigError(f"--chunk {list(chunk_shape or [])} must be 3 positive values (z, y, x)")
+    return chunk, halo
 
 
 def predict_affinities_to_store(
@@ -295,12 +322,7 @@ def predict_affinities_to_store(
     check_store_url(affinities_url, "--output-affinities", overwrite=overwrite)
     if membranes_url:
         check_store_url(membranes_url, "--output-membranes", overwrite=overwrite)
-    halo = exact_halo(options.window, options.stride) if halo is None else [int(h) for h in halo]
-    chunk = [math.ceil(int(c) / s) * s for c, s in zip(chunk_shape or DEFAULT_CHUNK, options.stride)]
-    if len(halo) != 3 or any(h < r for h, r in zip(halo, options.reach)):
-        raise ConfigError(f"--halo {halo} must be 3 values, each at least the largest |offset| {list(options.reach)}")
-    if len(chunk) != 3 or min(chunk) < 1:
-        raise ConfigError(f"--chunk {list(chunk_shape or [])} must be 3 positive values (z, y, x)")
+    chunk, halo = _store_geometry(options, chunk_shape, halo)
     volume = resolve_input(input_url, raw_key).open()
     if volume.dtype != np.uint8 and not np.issubdtype(volume.dtype, np.floating):
         raise DataError(
@@ -313,18 +335,16 @@ def predict_affinities_to_store(
         "checkpoint %s on %s: %s %s -> %s in blocks %s, halo %s",
         checkpoint["path"], options.device, volume.url, volume.shape, affinities_url, chunk, halo,
     )
-    kwargs = options.predict_kwargs()
+    outputs = dict(foreground_sink=membranes_url or None, output_dtype=output_dtype, resolution=resolution)
     return predict_affinities_chunked(
         model,
         volume,
         affinities_url,
         chunk_shape=chunk,
         halo=halo,
-        foreground_sink=membranes_url or None,
-        output_dtype=output_dtype,
         storage_chunks=_storage_chunks(chunk),
-        resolution=resolution,
         overwrite=overwrite,
         progress=progress,
-        **kwargs,
+        **outputs,
+        **options.predict_kwargs(),
     )

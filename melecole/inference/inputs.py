@@ -20,9 +20,17 @@ import numpy as np
 
 from melecole.data.volume import Volume, list_volumes, read_volume
 from melecole.errors import ConfigError, DataError
-from melecole.io import LazyVolume, intensity_range, iter_blocks, open_hdf5_volume, open_volume, parse_volume_url
+from melecole.io import (
+    LazyVolume,
+    check_finite,
+    intensity_range,
+    iter_blocks,
+    open_hdf5_volume,
+    open_volume,
+    parse_volume_url,
+)
 
-__all__ = ["InputSource", "read_input", "resolve_input", "volume_jobs"]
+__all__ = ["InputSource", "raw_identity", "read_input", "resolve_input", "volume_jobs"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ def resolve_input(url: str | os.PathLike, raw_key: str | None) -> InputSource:
     try:
         parsed = parse_volume_url(text)
     except DataError:
-        if not Path(text).exists():
+        if "file://" not in text and not Path(text).exists():  # file:// errors say what is wrong
             raise DataError(f"input '{text}' does not exist") from None
         raise
     if parsed.format == "hdf5":
@@ -88,23 +96,61 @@ def resolve_input(url: str | os.PathLike, raw_key: str | None) -> InputSource:
     volume = source.open()  # missing store / ambiguous array: one-line DataError now, before the model
     if volume.ndim != 3:
         raise DataError(f"input '{volume.url}' must be (Z, Y, X) raw, got shape {volume.shape}")
+    if min(volume.shape) < 1:
+        raise DataError(f"input '{volume.url}': raw of shape {volume.shape}, expected a non-empty (Z, Y, X) volume")
     return source
+
+
+def _split_prefixes(split: str, paths: Sequence[Path]) -> list[str]:
+    """``<split>_<stem>`` per file; files whose stems collide (vol.hdf, vol.h5) keep their suffix
+    (``<split>_vol_hdf``, ``<split>_vol_h5``).
+
+    Raises:
+        DataError: two files still get the same name.
+    """
+    stems = [path.stem for path in paths]
+    names = [
+        _sanitise(f"{path.stem}_{path.suffix.lstrip('.')}") if stems.count(path.stem) > 1 else path.stem
+        for path in paths
+    ]
+    prefixes = [f"{split}_{name}" for name in names]
+    for index, prefix in enumerate(prefixes):
+        if prefixes.index(prefix) != index:
+            first = paths[prefixes.index(prefix)]
+            raise DataError(
+                f"split '{split}': '{first.name}' and '{paths[index].name}' would both write {prefix}_*.hdf, "
+                "expected volumes with distinct names (rename one)"
+            )
+    return prefixes
 
 
 def volume_jobs(
     data_root: str | os.PathLike, split: str | None, input_path: str | os.PathLike | None, raw_key: str | None
 ) -> list[tuple[str, InputSource]]:
     """[(output prefix, input)]: the input URL (prefix: the split if given, else the input's name) or
-    every volume of the split (prefix: the split, or <split>_<stem> when it holds several)."""
+    every volume of the split (prefix: the split, or <split>_<stem> when it holds several; stems
+    that collide keep their suffix)."""
     if input_path is not None:
         source = resolve_input(input_path, raw_key)
         return [(split or source.prefix, source)]
     if split is None:
         raise ConfigError("give a split (--split) or an input file (--input)")
-    sources = [InputSource(str(path), path.stem, path, raw_key) for path in list_volumes(data_root, split)]
+    paths = list_volumes(data_root, split)
+    sources = [InputSource(str(path), path.stem, path, raw_key) for path in paths]
     if len(sources) == 1:
         return [(split, sources[0])]
-    return [(f"{split}_{source.prefix}", source) for source in sources]
+    return list(zip(_split_prefixes(split, paths), sources))
+
+
+def raw_identity(raw: np.ndarray) -> dict[str, Any]:
+    """Shape, dtype and SHA-256 of a (Z, Y, X) raw's bytes (C order): the content part of a cache key."""
+    digest = hashlib.sha256()
+    contiguous = np.ascontiguousarray(raw)
+    flat = contiguous.reshape(-1).view(np.uint8) if contiguous.size else contiguous.reshape(-1)
+    step = 1 << 26  # 64 MiB at a time: no copy of the whole volume
+    for start in range(0, flat.size, step):
+        digest.update(flat[start : start + step].data)
+    return {"shape": list(raw.shape), "dtype": raw.dtype.name, "sha256": digest.hexdigest()}
 
 
 def read_input(
@@ -118,31 +164,29 @@ def read_input(
 
     Returns:
         volume: the :class:`~melecole.data.volume.Volume`.
-        identity: what the cached predictions depend on about the input (JSON-able): file size and
-            mtime for HDF5, the raw's SHA-256 for zarr / precomputed (folders have no reliable mtime).
+        identity: what the cached predictions depend on about the input (JSON-able): the SHA-256
+            of the raw's bytes with its shape and dtype (size and mtime would miss a same-size
+            replacement whose mtime was restored), and where it came from.
         resolution: (z, y, x) nm stored with the raw, or None.
     """
     if source.hdf5_path is not None:
         path = source.hdf5_path
-        volume = read_volume(path, raw_key=source.raw_key, label_key=label_key, padding=padding, labels_optional=True)
-        stat = path.stat()
-        identity = {
-            "path": str(path.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "raw_key": source.raw_key,
-        }
+        volume = read_volume(
+            path,
+            raw_key=source.raw_key,
+            label_key=label_key,
+            padding=padding,
+            labels_optional=True,
+            warn_unlabelled=False,  # the pipeline says so once the outputs are written
+        )
+        identity = {"path": str(path.resolve()), "raw_key": source.raw_key, **raw_identity(volume.raw)}
         return volume, identity, source.open().resolution
     lazy = source.open()
     raw = np.empty(lazy.shape, dtype=lazy.dtype)
     slab = (max(1, lazy.chunks[0]),) + lazy.shape[1:]
     for box in iter_blocks(lazy.shape, slab):
         raw[box] = lazy[box]
-    identity = {
-        "url": lazy.url,
-        "shape": list(raw.shape),
-        "dtype": raw.dtype.name,
-        "sha256": hashlib.sha256(raw.data).hexdigest(),
-    }
+    check_finite(raw, f"input '{lazy.url}'")
+    identity = {"url": lazy.url, **raw_identity(raw)}
     volume = Volume(raw=raw, labels=None, padding=(0, 0, 0), path=Path(source.prefix), value_range=intensity_range(raw))
     return volume, identity, lazy.resolution

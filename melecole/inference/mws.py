@@ -1,6 +1,6 @@
 """Mutex watershed (Wolf et al.) on blended affinities, numpy in, numpy out.
 
-Weights follow DESIGN.md: the nearest-neighbour channels (offsets with L1 norm 1, which must come
+Weights follow docs/ARCHITECTURE.md: the nearest-neighbour channels (offsets with L1 norm 1, which must come
 first) are attractive edges with weight ``a``; every other channel is a mutex (repulsive) edge with
 weight ``1 - a``. The engine (``bioimage_cpp.segmentation.mutex_watershed``) processes edges of
 both kinds in one list, highest weight first. Pairs that leave the volume are never edges (the

@@ -13,7 +13,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from melecole.errors import ConfigError
+from melecole.config.validate import check_inference_windows
 
 __all__ = [
     "PredictOptions",
@@ -44,42 +44,18 @@ def default_stride(window: Sequence[int], margin: Sequence[int], offsets: Sequen
 
 
 def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:
-    """(window, stride, margin) from INFERENCE.* / MODEL.INPUT_SIZE, checked.
+    """(window, stride, margin) from INFERENCE.* / MODEL.INPUT_SIZE.
 
-    Window: INFERENCE.WINDOW_SIZE or MODEL.INPUT_SIZE; it must suit the UNet's downsampling.
-    Stride: INFERENCE.STRIDE, or half the window, lowered where needed so that every affinity pair
-    lies in one cropped window (stride <= window - 2 * margin - max |offset| per axis).
+    Window: INFERENCE.WINDOW_SIZE or MODEL.INPUT_SIZE. Stride: INFERENCE.STRIDE, or half the window,
+    lowered where needed so that every affinity pair lies in one cropped window (stride <= window -
+    2 * margin - max |offset| per axis). The checks are the config's own
+    (:func:`melecole.config.validate.check_inference_windows`, run by ``load_cfg``).
 
     Raises:
         ConfigError: the window does not suit the model, or stride/margin leave pairs uncovered.
     """
-    window = list(cfg.INFERENCE.WINDOW_SIZE) or list(cfg.MODEL.INPUT_SIZE)
-    z_factor = 2 ** sum(bool(p) for p in cfg.MODEL.POOL_Z)
-    xy_factor = 2 ** (len(cfg.MODEL.FILTERS) - 1)
-    if window[0] % z_factor or window[1] % xy_factor or window[2] % xy_factor:
-        raise ConfigError(
-            f"INFERENCE.WINDOW_SIZE {window} must be divisible by ({z_factor}, {xy_factor}, {xy_factor}), "
-            f"the downsampling of MODEL.FILTERS/MODEL.POOL_Z"
-        )
-    margin = list(cfg.INFERENCE.MARGIN)
-    reach = offset_reach(cfg.INFERENCE.OFFSETS)
-    limit = [w - 2 * m - r for w, m, r in zip(window, margin, reach)]
-    if cfg.INFERENCE.STRIDE:
-        stride = list(cfg.INFERENCE.STRIDE)
-        bad = [a for a in range(3) if stride[a] > limit[a]]
-    else:
-        stride = default_stride(window, margin, cfg.INFERENCE.OFFSETS)
-        bad = [a for a in range(3) if limit[a] < 1]
-    if bad:
-        raise ConfigError(
-            "INFERENCE.STRIDE/INFERENCE.MARGIN: every affinity pair must lie inside one cropped window, "
-            "so stride <= window - 2 * margin - max |offset| per axis; "
-            + "; ".join(
-                f"{'zyx'[a]}: stride {stride[a]}, window {window[a]}, margin {margin[a]}, max offset {reach[a]}"
-                for a in bad
-            )
-        )
-    return window, stride, margin
+    window, stride, margin = check_inference_windows(cfg)
+    return window, stride or default_stride(window, margin, cfg.INFERENCE.OFFSETS), margin
 
 
 @dataclass(frozen=True)

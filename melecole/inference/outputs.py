@@ -1,6 +1,6 @@
 """Inference outputs: names, HDF5 result files, the cache fingerprint, probability encoding.
 
-Output layout (DESIGN.md), per volume, under ``<run dir>/results/<checkpoint stem>/``:
+Output layout (docs/ARCHITECTURE.md), per volume, under ``<run dir>/results/<checkpoint stem>/``:
 
     <prefix>_affinities.hdf    'affinities'   float16 (C, Z, Y, X), attrs offsets (JSON) etc.
     <prefix>_membranes.hdf     'membranes'    float16 (Z, Y, X) foreground probability
@@ -29,7 +29,8 @@ import h5py
 import numpy as np
 
 from melecole.inference.options import PredictOptions
-from melecole.utils.files import atomic_path
+from melecole.io import output_error
+from melecole.io.hdf5_output import create_hdf5
 
 __all__ = [
     "AFFINITIES_KEY",
@@ -50,7 +51,7 @@ __all__ = [
     "write_predictions",
 ]
 
-FINGERPRINT_FORMAT = "melecole-inference-v2"
+FINGERPRINT_FORMAT = "melecole-inference-v3"  # v3: inputs identified by content (SHA-256)
 STORAGE_DTYPE = np.float16
 AFFINITIES_KEY, MEMBRANES_KEY, SEGMENTATION_KEY = "affinities", "membranes", "segmentation"
 # Result kinds, in file-name order: <prefix>_<kind>.hdf holds the dataset of the same name.
@@ -129,19 +130,30 @@ def fingerprint(
 
 
 def write_hdf(path: str | os.PathLike, datasets: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:
-    """Writes ``{key: (array, dataset attrs)}`` and file ``attrs`` to ``path`` atomically (gzip)."""
-    with atomic_path(path) as temporary:
-        with h5py.File(temporary, "w") as handle:
-            for key, value in attrs.items():
-                handle.attrs[key] = value
-            for key, (array, dataset_attrs) in datasets.items():
-                array = np.asarray(array)
-                chunks = tuple(min(s, c) for s, c in zip(array.shape, (1,) * (array.ndim - 3) + (16, 128, 128)))
-                dataset = handle.create_dataset(
-                    key, data=array, compression="gzip", compression_opts=4, shuffle=True, chunks=chunks
-                )
-                for name, item in dataset_attrs.items():
-                    dataset.attrs[name] = item
+    """Writes ``{key: (array, dataset attrs)}`` and file ``attrs`` to ``path`` atomically (gzip).
+
+    Raises:
+        DataError: the write failed (full disk, file size limit, permission): one line naming
+            ``path``; the temporary file is removed and a previous file under ``path`` is untouched.
+    """
+    try:
+        _write_hdf(path, datasets, attrs)
+    except OSError as error:
+        raise output_error(path, error) from None
+
+
+def _write_hdf(path: str | os.PathLike, datasets: dict[str, tuple[np.ndarray, dict]], attrs: dict) -> None:
+    with create_hdf5(path) as handle:
+        for key, value in attrs.items():
+            handle.attrs[key] = value
+        for key, (array, dataset_attrs) in datasets.items():
+            array = np.asarray(array)
+            chunks = tuple(min(s, c) for s, c in zip(array.shape, (1,) * (array.ndim - 3) + (16, 128, 128)))
+            dataset = handle.create_dataset(
+                key, data=array, compression="gzip", compression_opts=4, shuffle=True, chunks=chunks
+            )
+            for name, item in dataset_attrs.items():
+                dataset.attrs[name] = item
 
 
 def write_predictions(

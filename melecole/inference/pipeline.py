@@ -49,7 +49,7 @@ from melecole.inference.outputs import (
 )
 from melecole.inference.postprocess import postprocess_segmentation
 from melecole.inference.sliding_window import predict_volume
-from melecole.io import model_input
+from melecole.io import check_writable_folder, model_input, remove_stale_temporaries
 
 __all__ = [
     "VolumeResult",
@@ -185,8 +185,24 @@ def _infer_volume(
         resolution=resolution,
     )
     if evaluate and volume.labels is not None:
-        result.scores = _scores(datasets, volume.labels)
+        if volume.labels.any():
+            result.scores = _scores(datasets, volume.labels)
+        else:
+            logger.warning(
+                "%s: labels '%s' are all 0 (no labelled voxel): outputs written, nothing to evaluate",
+                source.url,
+                plan.label_key,
+            )
     return result
+
+
+def _prepare_results_folder(out_dir: Path, output_dir: str | os.PathLike | None) -> None:
+    """Checks that the results folder can be written (before any prediction) and removes the stale
+    temporary files that killed writes of MeLeCoLe left there."""
+    what = f"--output-dir '{output_dir}'" if output_dir is not None else f"results folder '{out_dir}'"
+    check_writable_folder(out_dir, what)
+    for path in remove_stale_temporaries(out_dir):
+        logger.info("removed %s (left by an interrupted write)", path)
 
 
 def run_inference(
@@ -219,7 +235,8 @@ def run_inference(
 
     Raises:
         CheckpointError: missing / unreadable checkpoint, or one trained with a different model shape.
-        DataError: missing split folder, input or HDF5 key / zarr array.
+        DataError: missing split folder, input or HDF5 key / zarr array; raw with NaN / Inf or
+            empty; an unwritable results folder (checked before predicting) or a failed write.
         ConfigError: unusable window / stride / margin.
     """
     from melecole.engine.checkpoint import build_model_from_checkpoint
@@ -245,6 +262,7 @@ def run_inference(
         padding=tuple(cfg.DATASET.PADDING),
     )
     logger.info("checkpoint %s (iteration %s) on %s", checkpoint_file, plan.iteration, predict.device)
+    _prepare_results_folder(plan.out_dir, output_dir)
     return [
         _infer_volume(plan, prefix, source, overwrite=overwrite, evaluate=evaluate, progress=progress)
         for prefix, source in jobs

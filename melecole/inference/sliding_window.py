@@ -1,6 +1,6 @@
 """Sliding-window prediction: overlapping windows -> per-window affinities -> blended volume.
 
-Each window's embeddings give affinities inside that window only (DESIGN.md: embeddings of two
+Each window's embeddings give affinities inside that window only (docs/ARCHITECTURE.md: embeddings of two
 windows need not share a frame). A window contributes the affinity of the pair (p, p + o) only if
 both voxels lie in its *cropped* region: the window minus ``margin`` voxels on each side, except on
 sides that touch the volume border. Contributions are blended with a separable weight profile

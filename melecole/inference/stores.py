@@ -18,7 +18,15 @@ import numpy as np
 
 from melecole.errors import ConfigError, DataError
 from melecole.inference.outputs import AFFINITIES_KEY, VolumeResult, encode_probabilities
-from melecole.io import LazyVolume, create_volume, iter_blocks, open_volume, parse_volume_url
+from melecole.io import (
+    LazyVolume,
+    check_writable_folder,
+    create_volume,
+    iter_blocks,
+    open_volume,
+    output_error,
+    parse_volume_url,
+)
 
 __all__ = ["check_store_url", "export_results", "join_store_url"]
 
@@ -43,23 +51,27 @@ def check_store_url(url: str, flag: str, *, prefix: bool = False, overwrite: boo
 
     Raises:
         ConfigError: not a zarr or precomputed URL.
-        DataError: the output exists and ``overwrite`` is False.
+        DataError: the output exists and ``overwrite`` is False, or its local folder cannot be
+            written (a file in the path, no permission).
     """
     target = join_store_url(url, "segmentation") if prefix else url
     try:
         parsed = parse_volume_url(target)
-    except DataError:
+    except DataError as error:
+        if "file://" in target:  # a relative file:// path: say where it would go
+            raise DataError(f"{flag}: {error}") from None
         parsed = None
     if parsed is None or parsed.format == "hdf5":
         raise ConfigError(
             f"{flag} '{url}': give a precomputed URL (precomputed://file:///abs/path, gs://..., s3://...) "
             "or a zarr folder (x.zarr, x.zarr:group)"
         )
-    if overwrite or not parsed.is_local:
+    if not parsed.is_local:
         return
     local = parsed.local_path / (parsed.key or "") if parsed.format == "zarr" else parsed.local_path
-    if local.exists():
+    if not overwrite and local.exists():
         raise DataError(f"{flag} '{url}' already exists; remove it or pass --overwrite to replace it")
+    check_writable_folder(local.parent, f"{flag} '{url}'")
 
 
 def _copy_layer(
@@ -74,12 +86,15 @@ def _copy_layer(
     chunks = tuple(min(64, s) for s in source.shape[-3:])
     if source.ndim == 4:
         chunks = (source.shape[0],) + chunks
-    with create_volume(
-        url, source.shape, dtype, chunks=chunks, resolution=resolution, layer_type=layer_type, overwrite=True
-    ) as writer:
-        for box in iter_blocks(writer.shape, writer.chunks):
-            block = source[box]
-            writer.write(box, encode_probabilities(block, dtype) if encode else block)
+    try:
+        with create_volume(
+            url, source.shape, dtype, chunks=chunks, resolution=resolution, layer_type=layer_type, overwrite=True
+        ) as writer:  # a failed write removes the temporary folder
+            for box in iter_blocks(writer.shape, writer.chunks):
+                block = source[box]
+                writer.write(box, encode_probabilities(block, dtype) if encode else block)
+    except OSError as error:  # full disk, quota, permission: one line
+        raise output_error(url, error) from None
     return writer.url
 
 

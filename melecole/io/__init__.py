@@ -4,6 +4,15 @@ This package is the bottom of MeLeCoLe's data flow: it imports nothing from the 
 (chunked affinity prediction lives in :mod:`melecole.inference.chunked`).
 """
 
+from melecole.io.checks import (
+    check_finite,
+    check_same_fingerprint,
+    check_writable_folder,
+    output_error,
+    read_fingerprint,
+    remove_stale_temporaries,
+)
+from melecole.io.hdf5_output import create_hdf5
 from melecole.io.raw import intensity_range, model_input, normalize_raw
 from melecole.io.regions import crop_per_side, inner_region, symmetric_padding
 from melecole.io.volumes import (
@@ -26,6 +35,10 @@ __all__ = [
     "LazyVolume",
     "VolumeURL",
     "VolumeWriter",
+    "check_finite",
+    "check_same_fingerprint",
+    "check_writable_folder",
+    "create_hdf5",
     "create_volume",
     "crop_per_side",
     "hdf5_dataset_names",
@@ -37,7 +50,10 @@ __all__ = [
     "open_hdf5",
     "open_hdf5_volume",
     "open_volume",
+    "output_error",
     "parse_volume_url",
+    "read_fingerprint",
+    "remove_stale_temporaries",
     "symmetric_padding",
     "write_volume",
 ]

@@ -1,6 +1,6 @@
 """Padding and crops: the one place that maps a padded volume to its labelled (inner) region.
 
-Raw volumes may carry DATASET.PADDING context voxels on each side (DESIGN.md, Dataset layout):
+Raw volumes may carry DATASET.PADDING context voxels on each side (docs/ARCHITECTURE.md, Dataset layout):
 raw index = label index + padding. Predictions cover the labelled region; viewers and evaluation
 crop whichever volume is larger. Crops are views (numpy) or lazy windows (:class:`LazyVolume`).
 """

@@ -21,6 +21,8 @@ in place (object stores have no rename).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import os
 import shutil
@@ -101,17 +103,29 @@ def _split_key(text: str, suffixes: Sequence[str]) -> tuple[str, str | None] | N
     return None
 
 
+def _require_absolute_file_url(url: str, cloudpath: str) -> None:
+    """A ``file://`` path must be absolute (``file:///abs``): CloudVolume would silently write a
+    relative one under the current directory."""
+    if cloudpath.startswith("file://") and not cloudpath[len("file://") :].startswith("/"):
+        relative = cloudpath[len("file://") :]
+        raise DataError(
+            f"volume '{url}': file:// path '{relative}' is relative (it would resolve to "
+            f"'{Path(relative).resolve()}'), expected an absolute path: file:///abs/path"
+        )
+
+
 def parse_volume_url(url: str | os.PathLike) -> VolumeURL:
     """Parses a volume URL (see the module docstring).
 
     Raises:
-        DataError: the format cannot be told from the URL.
+        DataError: the format cannot be told from the URL, or a ``file://`` path is relative.
     """
     text = os.fspath(url)
     if text.startswith("precomputed://"):
         cloudpath = text[len("precomputed://") :]
         if "://" not in cloudpath:
             cloudpath = "file://" + str(Path(cloudpath).resolve())
+        _require_absolute_file_url(text, cloudpath)
         return VolumeURL("precomputed", cloudpath)
     if text.startswith("zarr://") or text.startswith("zarr2://") or text.startswith("zarr3://"):
         rest = text.split("://", 1)[1]
@@ -121,6 +135,7 @@ def parse_volume_url(url: str | os.PathLike) -> VolumeURL:
             return VolumeURL("zarr", path, (key.strip("/") or None) if colon else None)
         return VolumeURL("zarr", *split)
     if text.startswith("file://"):
+        _require_absolute_file_url(text, text)
         return VolumeURL("precomputed", text)
     if text.startswith(_CLOUD_SCHEMES):
         if ".zarr" in text:
@@ -436,6 +451,38 @@ def _open_zarr(parsed: VolumeURL, default_key: str | None) -> LazyVolume:
     )
 
 
+class _MissingCredentialsError(Exception):
+    """No credentials for a gs:// bucket (found before CloudVolume tries to connect)."""
+
+
+def _is_credentials_error(error: BaseException) -> bool:
+    """google-auth's DefaultCredentialsError, botocore's NoCredentialsError and the like."""
+    kind = type(error)
+    return "Credentials" in kind.__name__ or kind.__module__.startswith("google.auth")
+
+
+def _cloudvolume(factory: Callable[..., Any], cloudpath: str, **kwargs: Any) -> Any:
+    """``CloudVolume(cloudpath, **kwargs)``; missing cloud credentials become a one-line DataError
+    (CloudVolume's own multi-line credential notices on stdout are dropped)."""
+    scheme = cloudpath.split("://", 1)[0]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if scheme == "gs":  # without credentials CloudFiles retries for ~15 s before it fails
+                from cloudfiles.secrets import google_credentials
+
+                bucket = cloudpath[len("gs://") :].split("/", 1)[0]
+                if google_credentials(bucket)[1] is None:
+                    raise _MissingCredentialsError()
+            return factory(cloudpath, **kwargs)
+    except Exception as error:
+        if not _is_credentials_error(error):
+            raise
+        raise DataError(
+            f"precomputed layer '{cloudpath}': credentials for {scheme}:// are missing, "
+            "expected credentials (~/.cloudvolume/secrets/, GOOGLE_APPLICATION_CREDENTIALS or AWS keys)"
+        ) from None
+
+
 def _open_precomputed(parsed: VolumeURL) -> LazyVolume:
     from cloudvolume import CloudVolume
     from cloudvolume.exceptions import InfoUnavailableError
@@ -443,7 +490,7 @@ def _open_precomputed(parsed: VolumeURL) -> LazyVolume:
     if parsed.is_local and not (parsed.local_path / "info").is_file():
         raise DataError(f"precomputed layer '{parsed.path}' does not exist (no 'info' file)")
     try:
-        volume = CloudVolume(parsed.path, progress=False, fill_missing=False, cache=False)
+        volume = _cloudvolume(CloudVolume, parsed.path, progress=False, fill_missing=False, cache=False)
     except InfoUnavailableError:
         raise DataError(f"precomputed layer '{parsed.path}' has no readable 'info' file") from None
     x, y, z = (int(v) for v in volume.shape[:3])
@@ -688,7 +735,7 @@ def _create_precomputed(
         _check_target(final, overwrite, f"precomputed://{parsed.path}")
         temporary = _temporary_sibling(final)
         cloudpath = "file://" + str(temporary)
-    volume = CloudVolume(cloudpath, info=info, progress=False, cache=False, non_aligned_writes=False)
+    volume = _cloudvolume(CloudVolume, cloudpath, info=info, progress=False, cache=False, non_aligned_writes=False)
     volume.commit_info()
 
     def setter(index: Index, data: np.ndarray) -> None:

@@ -5,7 +5,12 @@
 
 Inputs are HDF5 (``file.hdf`` or ``file.hdf:key``), zarr or precomputed URLs. Under ``python -i``
 the viewer keeps serving and ``viewer`` is the neuroglancer.Viewer; without -i the script serves
-until Ctrl-C. Padded raw is cropped to the labels (--padding, inferred from the shapes if omitted).
+until Ctrl-C.
+
+Padding: raw is cropped to the labels (--padding, inferred from the shapes if omitted). A
+segmentation, GT, membranes or affinities volume larger than the others by the same number of
+voxels on both sides of each axis is center-cropped to fit, as variation_of_information.py does.
+Segmentation, affinities and membranes must come from one infer.py run (their fingerprints agree).
 """
 
 from __future__ import annotations
@@ -13,15 +18,21 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from pathlib import Path
 
+from melecole.errors import DataError
+from melecole.io import check_same_fingerprint, check_writable_folder
 from melecole.utils.cli import run_cli
 from melecole.visualization import build_viewer_state, open_view_inputs, render_report, start_viewer
+from melecole.visualization.viewer import check_dimensions, check_server_address
 
 viewer = None  # the neuroglancer.Viewer once started (view.py exposes it under `python -i`)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="view.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="view.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gt", required=True, help="ground truth (HDF5 key 'labels' by default)")
     parser.add_argument("--segmentation", required=True, help="segmentation (key 'segmentation')")
     parser.add_argument("--raw", help="raw (key 'volume'); default: the GT file's 'volume' if present")
@@ -52,11 +63,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """One-line errors before any volume is read: the PNG path or the server address, and result
+    files of different inference runs."""
+    if args.png:
+        png = Path(args.png)
+        if png.is_dir():
+            raise DataError(f"--png: '{png}' is a folder, expected the path of a .png file to write")
+        check_writable_folder(png.parent, f"--png '{png}'")
+    else:
+        check_server_address(args.bind, args.port)
+    check_same_fingerprint(
+        {"--segmentation": args.segmentation, "--affinities": args.affinities, "--membranes": args.membranes}
+    )
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     global viewer
     args = parse_args(argv)
+    check_flags(args)
     inputs = open_view_inputs(args.gt, args.segmentation, args.raw, args.affinities, args.membranes)
+    volumes = dict(raw=inputs.raw, gt=inputs.gt, segmentation=inputs.segmentation, membranes=inputs.membranes)
+    check_dimensions({**volumes, "affinities": inputs.affinities})
     if args.png:
         path = render_report(
             args.png,

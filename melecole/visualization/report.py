@@ -17,7 +17,7 @@ import numpy as np
 from melecole.errors import DataError
 from melecole.utils.files import atomic_path
 from melecole.utils.images import label_image
-from melecole.visualization.viewer import crop_to_labels, infer_padding
+from melecole.visualization.viewer import crop_symmetric, crop_to_labels, infer_padding
 
 __all__ = ["choose_slices", "overlay", "error_map", "render_report", "MERGE_COLOURS", "SPLIT_COLOURS"]
 
@@ -110,6 +110,68 @@ def _describe(offenders: Sequence[Any], unit: str, merge: bool) -> list[str]:
     return lines
 
 
+def _report_inputs(
+    gt: ArrayLike, segmentation: ArrayLike, raw: ArrayLike | None, padding: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray, ArrayLike | None]:
+    """(Z, Y, X) GT and segmentation arrays, and the raw cropped to them (None without raw).
+
+    Raises:
+        DataError: shapes that do not fit.
+    """
+    if len(gt.shape) != 3 or len(segmentation.shape) != 3:
+        raise DataError(
+            f"segmentation shape {tuple(segmentation.shape)} and GT shape {tuple(gt.shape)} must both be (Z, Y, X)"
+        )
+    label_shape = tuple(min(int(a), int(b)) for a, b in zip(gt.shape, segmentation.shape))
+    gt_array = np.asarray(crop_symmetric(gt, label_shape, "gt"))  # padding is cropped, as in the evaluation
+    segmentation_array = np.asarray(crop_symmetric(segmentation, label_shape, "segmentation"))
+    if raw is not None:
+        if padding is None:
+            padding = infer_padding(raw.shape, gt_array.shape)
+        raw = crop_to_labels(raw, gt_array.shape, padding, "raw")
+    return gt_array, segmentation_array, raw
+
+
+def _slice_panels(
+    raw_slice: np.ndarray | None, segmentation: np.ndarray, gt: np.ndarray, scores: Any
+) -> list[np.ndarray]:
+    """The four (Y, X, 3) uint8 images of one z-slice: raw, GT overlay, segmentation overlay, error map."""
+    merge_labels = [o.label for o in scores.merge_offenders]
+    split_labels = [o.label for o in scores.split_offenders]
+    return [
+        (_grey(raw_slice, gt.shape) * 255).astype(np.uint8),
+        overlay(raw_slice, gt, seed=1),
+        overlay(raw_slice, segmentation, seed=2),
+        error_map(raw_slice, segmentation, gt, merge_labels, split_labels),
+    ]
+
+
+def _show_panel(axis: Any, image: np.ndarray, header: str | None, z: int | None) -> None:
+    """Draws one (Y, X, 3) image without ticks; ``header`` titles the column, ``z`` labels the row."""
+    axis.imshow(image, interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    if header is not None:
+        axis.set_title(header, fontsize=9)
+    if z is not None:
+        axis.set_ylabel(f"z = {z}", fontsize=9)
+
+
+def _annotate(figure: Any, scores: Any, title: str | None) -> None:
+    """Adds the title with the scores and the offender legend, then lays the figure out."""
+    summary = (
+        f"VI split {scores.vi_split:.3f}  VI merge {scores.vi_merge:.3f} {scores.unit}   "
+        f"adapted Rand {scores.arand:.3f}   {scores.n_seg} segments / {scores.n_gt} GT objects"
+    )
+    figure.suptitle(f"{title}\n{summary}" if title else summary, fontsize=10)
+    legend = [
+        "merges: " + ("; ".join(_describe(scores.merge_offenders, scores.unit, True)) or "none"),
+        "splits: " + ("; ".join(_describe(scores.split_offenders, scores.unit, False)) or "none"),
+    ]
+    figure.text(0.01, 0.01, "\n".join(legend), fontsize=7, family="monospace", va="bottom")
+    figure.tight_layout(rect=(0, 0.6 / figure.get_figheight(), 1, 1 - 0.5 / figure.get_figheight()))
+
+
 def render_report(
     path: str | os.PathLike,
     *,
@@ -127,7 +189,8 @@ def render_report(
 
     Args:
         path: output .png (written atomically).
-        gt, segmentation: (Z, Y, X) integer labels (read whole: the scores need every voxel).
+        gt, segmentation: (Z, Y, X) integer labels (read whole: the scores need every voxel); the
+            larger is center-cropped to the smaller when they differ by a symmetric padding.
         raw: (Z, Y, X) raw, possibly padded by ``padding`` per side; only the shown slices are read.
         slices: z indices (label coordinates); default ``num_slices`` evenly spaced.
         padding: raw context per side; None = inferred from the shapes.
@@ -143,20 +206,8 @@ def render_report(
 
     from melecole.evaluation import evaluate_segmentation
 
-    gt_array = np.asarray(gt)
-    segmentation_array = np.asarray(segmentation)
-    if gt_array.ndim != 3 or segmentation_array.shape != gt_array.shape:
-        raise DataError(
-            f"segmentation shape {segmentation_array.shape} and GT shape {gt_array.shape} "
-            "must be equal (Z, Y, X)"
-        )
-    if raw is not None:
-        if padding is None:
-            padding = infer_padding(raw.shape, gt_array.shape)
-        raw = crop_to_labels(raw, gt_array.shape, padding, "raw")
+    gt_array, segmentation_array, raw = _report_inputs(gt, segmentation, raw, padding)
     scores = evaluate_segmentation(segmentation_array, gt_array, top_k=top_k)
-    merge_labels = [o.label for o in scores.merge_offenders]
-    split_labels = [o.label for o in scores.split_offenders]
     chosen = choose_slices(gt_array.shape[0], slices, num_slices)
 
     height, width = gt_array.shape[1:]
@@ -167,32 +218,10 @@ def render_report(
     headers = ["raw", "ground truth", "segmentation", f"errors: top {top_k} merges (warm) / splits (cool)"]
     for row, z in enumerate(chosen):
         raw_slice = np.asarray(raw[z]) if raw is not None else None
-        images = [
-            (_grey(raw_slice, (height, width)) * 255).astype(np.uint8),
-            overlay(raw_slice, gt_array[z], seed=1),
-            overlay(raw_slice, segmentation_array[z], seed=2),
-            error_map(raw_slice, segmentation_array[z], gt_array[z], merge_labels, split_labels),
-        ]
+        images = _slice_panels(raw_slice, segmentation_array[z], gt_array[z], scores)
         for column, image in enumerate(images):
-            axis = axes[row, column]
-            axis.imshow(image, interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(headers[column], fontsize=9)
-            if column == 0:
-                axis.set_ylabel(f"z = {z}", fontsize=9)
-    summary = (
-        f"VI split {scores.vi_split:.3f}  VI merge {scores.vi_merge:.3f} {scores.unit}   "
-        f"adapted Rand {scores.arand:.3f}   {scores.n_seg} segments / {scores.n_gt} GT objects"
-    )
-    figure.suptitle(f"{title}\n{summary}" if title else summary, fontsize=10)
-    legend = [
-        "merges: " + ("; ".join(_describe(scores.merge_offenders, scores.unit, True)) or "none"),
-        "splits: " + ("; ".join(_describe(scores.split_offenders, scores.unit, False)) or "none"),
-    ]
-    figure.text(0.01, 0.01, "\n".join(legend), fontsize=7, family="monospace", va="bottom")
-    figure.tight_layout(rect=(0, 0.6 / figure.get_figheight(), 1, 1 - 0.5 / figure.get_figheight()))
+            _show_panel(axes[row, column], image, headers[column] if row == 0 else None, z if column == 0 else None)
+    _annotate(figure, scores, title)
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)

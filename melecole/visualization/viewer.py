@@ -12,6 +12,7 @@ into memory.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ __all__ = [
     "infer_padding",
     "crop_to_labels",
     "build_viewer_state",
+    "check_dimensions",
+    "check_server_address",
+    "crop_symmetric",
     "start_viewer",
 ]
 
@@ -162,6 +166,39 @@ def crop_to_labels(
     raise DataError(f"{name} has shape {tuple(array.shape)}; expected spatial shape {expected}{hint}")
 
 
+def crop_symmetric(array: ArrayLike, label_shape: Sequence[int], name: str) -> ArrayLike:
+    """Center-crops ``array`` (..., Z', Y', X') to ``label_shape`` when it is larger by the same
+    number of voxels on both sides of each axis (padding; :func:`melecole.io.symmetric_padding`), as
+    the evaluation does.
+
+    Raises:
+        DataError: the spatial shape is smaller, or larger by an odd number of voxels on an axis.
+    """
+    spatial = tuple(int(s) for s in array.shape[-3:])
+    padding = symmetric_padding(spatial, label_shape)
+    if padding is None:
+        raise DataError(
+            f"{name} has shape {tuple(array.shape)}, expected spatial shape {tuple(label_shape)} "
+            "or that plus the same padding on both sides of each axis"
+        )
+    return crop_per_side(array, padding) if any(padding) else array
+
+
+def check_dimensions(volumes: dict[str, ArrayLike | None], channels: Sequence[str] = ("affinities",)) -> None:
+    """Refuses volumes of the wrong rank: (Z, Y, X), or (C, Z, Y, X) for the roles in ``channels``.
+
+    Raises:
+        DataError: names the flag and the shape.
+    """
+    for role, volume in volumes.items():
+        if volume is None:
+            continue
+        expected = 4 if role in channels else 3
+        if len(volume.shape) != expected:
+            layout = "(C, Z, Y, X)" if expected == 4 else "(Z, Y, X)"
+            raise DataError(f"--{role}: shape {tuple(volume.shape)}, expected a {expected}D volume {layout}")
+
+
 def _as_segmentation(array: ArrayLike) -> ArrayLike:
     """Labels in a dtype neuroglancer segmentations accept (unsigned integers)."""
     dtype = np.dtype(array.dtype)
@@ -183,6 +220,81 @@ def _as_image(array: ArrayLike) -> ArrayLike:
     return array
 
 
+def _label_shape(
+    raw: ArrayLike | None,
+    gt: ArrayLike | None,
+    segmentation: ArrayLike | None,
+    affinities: ArrayLike | None,
+    membranes: ArrayLike | None,
+    padding: Sequence[int] | None,
+) -> tuple[int, ...]:
+    """The (Z, Y, X) shape of the labelled region: the smaller of GT and segmentation, else the
+    membranes, else the affinities, else the raw.
+
+    Raises:
+        DataError: no volume given.
+    """
+    labels = [a for a in (gt, segmentation) if a is not None]
+    if labels:  # a padded segmentation (or GT) is cropped to the smaller one, as in the evaluation
+        return tuple(min(int(a.shape[axis]) for a in labels) for axis in range(-3, 0))
+    if membranes is not None:
+        return tuple(membranes.shape[-3:])
+    if affinities is not None:
+        return tuple(affinities.shape[-3:])
+    if raw is not None:
+        return tuple(int(s) - 2 * int(p) for s, p in zip(raw.shape, padding or (0, 0, 0)))
+    raise DataError("nothing to show: give at least one volume")
+
+
+def _raw_padding(raw: ArrayLike | None, label_shape: Sequence[int], padding: Sequence[int] | None) -> list[int]:
+    """[pz, py, px] raw context per side: ``padding``, or inferred from the raw and label shapes.
+
+    Raises:
+        DataError: the padding is not 3 values >= 0, or cannot be inferred.
+    """
+    if padding is None:
+        padding = infer_padding(raw.shape, label_shape) if raw is not None else (0, 0, 0)
+    padding = [int(p) for p in padding]
+    if len(padding) != 3 or min(padding) < 0:
+        raise DataError(f"--padding needs 3 values >= 0 (z, y, x), got {padding}")
+    return padding
+
+
+def _add_image(state: Any, name: str, data: ArrayLike, dimensions: Any, *, visible: bool = True) -> None:
+    """Adds the (Z, Y, X) ``data`` as image layer ``name`` (hidden at first unless ``visible``)."""
+    import neuroglancer
+
+    state.layers[name] = neuroglancer.ImageLayer(
+        source=neuroglancer.LocalVolume(data=data, dimensions=dimensions, volume_type="image")
+    )
+    if not visible:
+        state.layers[name].visible = False
+
+
+def _add_affinities(
+    state: Any, affinities: ArrayLike, label_shape: Sequence[int], padding: Sequence[int], resolution: list[float]
+) -> None:
+    """Adds the (C, Z, Y, X) affinities as a hidden RGB image layer (first three channels).
+
+    Raises:
+        DataError: the affinities are not 4D or do not fit the labels.
+    """
+    import neuroglancer
+
+    channel_dimensions = neuroglancer.CoordinateSpace(
+        names=["c^", "z", "y", "x"], units=["", "nm", "nm", "nm"], scales=[1.0] + resolution
+    )
+    if len(affinities.shape) != 4:
+        raise DataError(f"affinities must be (C, Z, Y, X), got shape {tuple(affinities.shape)}")
+    affinities = _as_image(crop_symmetric(affinities, label_shape, "affinities"))
+    channels = [min(c, affinities.shape[0] - 1) for c in range(3)]
+    state.layers["affinities"] = neuroglancer.ImageLayer(
+        source=neuroglancer.LocalVolume(data=affinities, dimensions=channel_dimensions, volume_type="image"),
+        shader=_AFFINITY_SHADER % tuple(channels),
+    )
+    state.layers["affinities"].visible = False
+
+
 def build_viewer_state(
     *,
     raw: ArrayLike | None = None,
@@ -197,7 +309,9 @@ def build_viewer_state(
 
     Args:
         raw: (Z, Y, X) raw, possibly padded by ``padding`` on each side (cropped to the labels).
-        gt, segmentation: (Z, Y, X) integer labels (segmentation layers).
+        gt, segmentation: (Z, Y, X) integer labels (segmentation layers); the larger one is
+            center-cropped to the smaller when they differ by a symmetric padding (as the
+            evaluation does); affinities and membranes likewise.
         affinities: (C, Z, Y, X); the first three channels are shown as RGB (hidden at first).
         membranes: (Z, Y, X) boundary / foreground map (hidden at first).
         resolution: (z, y, x) voxel size in nm.
@@ -215,61 +329,66 @@ def build_viewer_state(
     resolution = [float(r) for r in resolution]
     if len(resolution) != 3 or min(resolution) <= 0:
         raise DataError(f"--resolution needs 3 positive values (z, y, x) in nm, got {resolution}")
-    labelled = [a for a in (gt, segmentation, membranes) if a is not None]
-    if labelled:
-        label_shape = tuple(labelled[0].shape)
-    elif affinities is not None:
-        label_shape = tuple(affinities.shape[-3:])
-    elif raw is not None:
-        label_shape = tuple(int(s) - 2 * int(p) for s, p in zip(raw.shape, padding or (0, 0, 0)))
-    else:
-        raise DataError("nothing to show: give at least one volume")
-    if padding is None:
-        padding = infer_padding(raw.shape, label_shape) if raw is not None else (0, 0, 0)
-    padding = [int(p) for p in padding]
-    if len(padding) != 3 or min(padding) < 0:
-        raise DataError(f"--padding needs 3 values >= 0 (z, y, x), got {padding}")
+    check_dimensions(dict(raw=raw, gt=gt, segmentation=segmentation, affinities=affinities, membranes=membranes))
+    label_shape = _label_shape(raw, gt, segmentation, affinities, membranes, padding)
+    padding = _raw_padding(raw, label_shape, padding)
 
     dimensions = neuroglancer.CoordinateSpace(names=["z", "y", "x"], units="nm", scales=resolution)
-    channel_dimensions = neuroglancer.CoordinateSpace(
-        names=["c^", "z", "y", "x"], units=["", "nm", "nm", "nm"], scales=[1.0] + resolution
-    )
     state = neuroglancer.ViewerState()
     state.dimensions = dimensions
     if raw is not None:
-        raw = _as_image(crop_to_labels(raw, label_shape, padding, "raw"))
-        state.layers["raw"] = neuroglancer.ImageLayer(
-            source=neuroglancer.LocalVolume(data=raw, dimensions=dimensions, volume_type="image")
-        )
+        _add_image(state, "raw", _as_image(crop_to_labels(raw, label_shape, padding, "raw")), dimensions)
     for name, labels in (("gt", gt), ("segmentation", segmentation)):
         if labels is not None:
-            labels = _as_segmentation(crop_to_labels(labels, label_shape, (0, 0, 0), name))
+            labels = _as_segmentation(crop_symmetric(labels, label_shape, name))
             state.layers[name] = neuroglancer.SegmentationLayer(
                 source=neuroglancer.LocalVolume(
                     data=labels, dimensions=dimensions, volume_type="segmentation"
                 )
             )
     if affinities is not None:
-        if len(affinities.shape) != 4:
-            raise DataError(f"affinities must be (C, Z, Y, X), got shape {tuple(affinities.shape)}")
-        affinities = _as_image(crop_to_labels(affinities, label_shape, padding, "affinities"))
-        channels = [min(c, affinities.shape[0] - 1) for c in range(3)]
-        state.layers["affinities"] = neuroglancer.ImageLayer(
-            source=neuroglancer.LocalVolume(
-                data=affinities, dimensions=channel_dimensions, volume_type="image"
-            ),
-            shader=_AFFINITY_SHADER % tuple(channels),
-        )
-        state.layers["affinities"].visible = False
+        _add_affinities(state, affinities, label_shape, padding, resolution)
     if membranes is not None:
-        membranes = _as_image(crop_to_labels(membranes, label_shape, padding, "membranes"))
-        state.layers["membranes"] = neuroglancer.ImageLayer(
-            source=neuroglancer.LocalVolume(data=membranes, dimensions=dimensions, volume_type="image")
-        )
-        state.layers["membranes"].visible = False
+        membranes = _as_image(crop_symmetric(membranes, label_shape, "membranes"))
+        _add_image(state, "membranes", membranes, dimensions, visible=False)
     state.position = [s / 2.0 for s in label_shape]
     state.layout = "4panel"
     return state
+
+
+def check_server_address(bind_address: str, port: int) -> None:
+    """Checks that the viewer can listen on ``bind_address:port`` (0 = a free port) before any work.
+
+    Raises:
+        DataError: a port outside 0..65535, an address that is not one of this machine's, or a
+            port in use (neuroglancer would otherwise serve elsewhere or fail with a traceback).
+    """
+    import socket
+
+    if not 0 <= int(port) <= 65535:
+        raise DataError(f"--port: {port}, expected 0 (a free port) or a port in 1..65535")
+    invalid = DataError(f"--bind: '{bind_address}' is not a valid address, expected e.g. 127.0.0.1 or 0.0.0.0")
+    if all(part.isdigit() for part in bind_address.split(".")):  # dotted numbers: no name lookup
+        try:
+            socket.inet_pton(socket.AF_INET, bind_address)
+        except OSError:
+            raise invalid from None
+    try:
+        infos = socket.getaddrinfo(bind_address, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise invalid from None
+    family, kind, protocol, _, address = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            flag = "--port" if error.errno == errno.EADDRINUSE else "--bind"
+            raise DataError(
+                f"{flag}: cannot listen on {bind_address}:{port} ({reason}), expected a free port "
+                "(--port 0 picks one) on an address of this machine"
+            ) from None
 
 
 def start_viewer(state: Any, bind_address: str = "127.0.0.1", port: int = 0) -> Any:
