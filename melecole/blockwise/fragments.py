@@ -20,17 +20,28 @@ __all__ = ["block_fragments", "mws_fragments", "watershed_fragments", "boundary_
 Offsets = Sequence[Sequence[int]]
 
 
-def boundary_height(affinities: np.ndarray, offsets: Offsets) -> np.ndarray:
-    """1 - mean nearest-neighbour affinity of each voxel to its (up to 6) neighbours.
+def boundary_height(affinities: np.ndarray, offsets: Offsets, reduce: str = "mean") -> np.ndarray:
+    """1 - mean (or min) nearest-neighbour affinity of each voxel to its (up to 6) neighbours.
 
     Args:
         affinities: (C, Z, Y, X) float in [0, 1]; the first channels are the nearest-neighbour ones.
         offsets: C offsets.
+        reduce: mean | min (min: a voxel next to any boundary is high, so objects stay apart).
 
     Returns:
         float32 (Z, Y, X) in [0, 1]: high on boundaries.
     """
     shape = affinities.shape[1:]
+    if reduce == "min":
+        lowest = np.ones(shape, dtype=np.float32)
+        for channel in range(number_of_attractive_channels(offsets)):
+            offset = [int(v) for v in offsets[channel]]
+            source = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, shape))
+            target = tuple(slice(s.start + o, s.stop + o) for s, o in zip(source, offset))
+            values = affinities[channel][source]
+            np.minimum(lowest[source], values, out=lowest[source])
+            np.minimum(lowest[target], values, out=lowest[target])
+        return np.subtract(1.0, lowest, out=lowest)
     total = np.zeros(shape, dtype=np.float32)
     count = np.zeros(shape, dtype=np.float32)
     for channel in range(number_of_attractive_channels(offsets)):
@@ -69,18 +80,18 @@ def watershed_fragments(
     """Seeded watershed on the nearest-neighbour affinities (a fast over-segmentation).
 
     Seeds are the connected plateaus of local maxima of the (Gaussian-smoothed) distance transform of
-    the interior (:func:`boundary_height` < ``interior_threshold``). Each voxel joins the seed it
-    reaches along the strongest-affinity path (bioimage-cpp ``watershed_from_affinities``); when the
-    nearest-neighbour offsets do not have one sign per axis, the height map is flooded instead.
+    the interior (voxels whose weakest nearest-neighbour affinity is above 1 - ``interior_threshold``).
+    Each voxel joins the seed it reaches along the strongest-affinity path (bioimage-cpp
+    ``watershed_from_affinities``); when the nearest-neighbour offsets do not have one sign per axis,
+    the height map (1 - mean nearest-neighbour affinity) is flooded instead.
 
     Returns:
         uint64 (Z, Y, X), 0 = background (foreground below ``background_threshold``).
     """
     from bioimage_cpp.segmentation import watershed, watershed_from_affinities
 
-    height = boundary_height(affinities, offsets)
     mask = None if foreground is None else np.asarray(foreground) >= background_threshold
-    interior = height < interior_threshold
+    interior = boundary_height(affinities, offsets, reduce="min") < interior_threshold
     if mask is not None:
         interior &= mask
     distance = ndimage.distance_transform_edt(interior).astype(np.float32)
@@ -96,7 +107,7 @@ def watershed_fragments(
         edges = np.ascontiguousarray(affinities[: len(nearest)], dtype=np.float32)
         labels = watershed_from_affinities(edges, nearest, seeds, mask=mask)
     else:
-        labels = watershed(height, seeds, mask=mask)
+        labels = watershed(boundary_height(affinities, offsets), seeds, mask=mask)
     return labels.astype(np.uint64, copy=False)
 
 
