@@ -15,24 +15,9 @@ from __future__ import annotations
 import argparse
 import signal
 
+from melecole.blockwise.api import add_blockwise_arguments
 from melecole.config import load_cfg
 from melecole.utils.cli import add_config_arguments, run_cli
-
-ZYX = ("Z", "Y", "X")
-
-
-def add_blockwise_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``python -m melecole.blockwise`` and ``infer.py --blockwise``."""
-    add = parser.add_argument
-    add("--block", type=int, nargs=3, metavar=ZYX, help="block shape (default BLOCKWISE.BLOCK_SHAPE)")
-    engine = parser.add_mutually_exclusive_group()
-    engine.add_argument("--workers", type=int, help="LocalCluster processes (default BLOCKWISE.WORKERS)")
-    engine.add_argument("--scheduler", metavar="ADDRESS", help="use a running dask scheduler, e.g. tcp://host:8786")
-    add("--scheduler-timeout", type=float, default=10.0, metavar="S", help="seconds to wait for --scheduler")
-    add("--fragments", choices=("mws", "watershed"), help="fragment mode (default BLOCKWISE.FRAGMENTS)")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="finish an interrupted run (skip blocks done)")
-    again.add_argument("--overwrite", action="store_true", help="replace an existing output / interrupted run")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,9 +65,9 @@ def tiny_volume(tmp_path_factory, blockwise_cfg) -> dict:
     return {"path": path, "labels": labels, "affinities": affinities}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dask_client():
-    """A LocalCluster with 2 worker processes (one thread each), shared by a test module."""
+    """A LocalCluster with 2 worker processes (one thread each), shared by the blockwise tests."""
     distributed = pytest.importorskip("distributed")
     import logging
 

@@ -93,6 +93,7 @@ def test_killed_worker_is_retried_with_identical_result(tmp_path, tiny_volume, b
     np.testing.assert_array_equal(_read(output), reference)
 
 
+@pytest.mark.slow
 def test_killed_driver_then_resume_gives_identical_result(tmp_path, tiny_volume, reference, dask_client, capsys):
     output = tmp_path / "seg.zarr"
     argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), "--block", "8", "16", "16"]
@@ -115,6 +116,7 @@ def test_killed_driver_then_resume_gives_identical_result(tmp_path, tiny_volume,
     assert "already complete" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, reference, capsys):
     output = tmp_path / "seg.zarr"
     argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--foreground", f"{tiny_volume['path']}:foreground"]
