@@ -8,7 +8,7 @@ the block's outputs were completely written.
 Work folder (beside the output, removed after the output is committed)::
 
     manifest.json       inputs, shape and options (a resumed run must match them)
-    fragments.zarr      uint64 global fragment ids, one chunk per block
+    fragments.zarr      uint64 global fragment ids, chunks = BLOCKWISE.OUTPUT_CHUNKS
     graph/<i>.npz       block i's edges (RegionGraph) and fragment sizes
     lookup.npz          fragment -> segment table (LookupTable)
     segmentation.zarr   the output, chunks = BLOCKWISE.OUTPUT_CHUNKS; renamed into place at the end
@@ -119,7 +119,8 @@ def prepare_workdir(job: BlockwiseJob) -> None:
         (job.path / "done" / name).mkdir(parents=True, exist_ok=True)
     (job.path / "graph").mkdir(exist_ok=True)
     stores = (
-        (job.path / "fragments.zarr", job.options.block_shape, {}),
+        # Output-sized chunks (blocks are whole numbers of them): halo reads decode little beyond the box.
+        (job.path / "fragments.zarr", job.options.output_chunks, {}),
         (job.output_path, job.options.output_chunks, {"layer_type": "segmentation"}),
     )
     for path, chunks, extra in stores:
