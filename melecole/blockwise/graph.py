@@ -47,8 +47,9 @@ class RegionGraph:
         u = np.zeros(0, np.uint64)
         return cls(u, u.copy(), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
 
-    def save(self, path: str | Path) -> None:
-        np.savez(path, **{name: getattr(self, name) for name in _FIELDS})
+    def save(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Writes an .npz with the edge columns (and ``extra`` arrays beside them)."""
+        np.savez(path, **{name: getattr(self, name) for name in _FIELDS}, **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> RegionGraph:

@@ -182,21 +182,19 @@ def graph_task(job: BlockwiseJob, index: int) -> int:
     graph, ids, sizes = graph_of_block(fragments, affinities, inner, job.options)
     path = job.path / "graph" / f"{index}.npz"
     temporary = path.parent / f".{index}.tmp-{uuid.uuid4().hex[:8]}.npz"
-    np.savez(temporary, ids=ids, sizes=sizes, **{name: getattr(graph, name) for name in _GRAPH_FIELDS})
+    graph.save(temporary, ids=ids, sizes=sizes)
     os.replace(temporary, path)
     _mark_done(job, "graph", index)
     return int(np.prod([s.stop - s.start for s in plan.box(index)]))
-
-
-_GRAPH_FIELDS = ("u", "v", "attractive_sum", "attractive_count", "long_range_sum", "long_range_count")
 
 
 def agglomerate_task(job: BlockwiseJob, index: int = 0) -> dict[str, int]:
     """Reduces every block's edges (in block order), agglomerates, writes lookup.npz."""
     graphs, ids, sizes = [], [], []
     for block in range(job.plan.num_blocks):
-        with np.load(job.path / "graph" / f"{block}.npz") as data:
-            graphs.append(RegionGraph(*(data[name] for name in _GRAPH_FIELDS)))
+        path = job.path / "graph" / f"{block}.npz"
+        graphs.append(RegionGraph.load(path))
+        with np.load(path) as data:
             ids.append(data["ids"])
             sizes.append(data["sizes"])
     graph = reduce_graphs(graphs)
