@@ -1,7 +1,7 @@
 """Structure rules of the package, read from the source: no import cycles, short functions.
 
 Imports inside functions count as well: a lazy import hides a cycle from Python, not from the reader.
-Entry-point modules (``cli.py``, ``__main__.py``) sit on top of every subpackage: they may import any
+Entry-point modules (a subpackage's ``cli.py`` or ``__main__.py``) sit on top of every subpackage: they may import any
 of them, and no library module imports them.
 """
 
@@ -80,7 +80,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def is_entry_point(module: str) -> bool:
-    return module.rpartition(".")[2] in ("cli", "__main__")
+    """A subpackage's command line (``cli``, ``__main__``); ``melecole.utils.cli`` is a helper for all."""
+    return module.rpartition(".")[2] in ("cli", "__main__") and not module.startswith("melecole.utils.")
 
 
 def subpackage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
