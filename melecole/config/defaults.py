@@ -199,7 +199,11 @@ _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
 # boundary class, and a predicted 0 is scored as one ordinary (huge, merging) segment.
 _C.INFERENCE.MIN_SEGMENT_SIZE = 20
 _C.INFERENCE.FILL_BACKGROUND = True
-# Test-time augmentation is not implemented; kept out on purpose.
+# Test-time augmentation (melecole/inference/tta.py): "none", or letters from "zyxt" (z / y / x flip,
+# t = y<->x transpose, which needs a window with equal y and x); every combination of them is one
+# variant ("yx": 4, "zyxt": 16). Per window, each variant's affinities are mapped back to the
+# original frame and averaged before blending; costs one forward pass per variant.
+_C.INFERENCE.TTA = "none"
 
 # --------------------------------------------------------------------------------------------------
 # Logging and outputs

@@ -44,6 +44,7 @@ from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attra
 from melecole.inference.postprocess import postprocess_segmentation
 from melecole.inference.sliding_window import default_stride, inference_device, predict_options, predict_volume
 from melecole.inference.stores import InputSource, read_input, resolve_input
+from melecole.inference.tta import parse_tta
 from melecole.utils.io import atomic_path
 
 __all__ = [
@@ -169,6 +170,7 @@ def _fingerprint(
             "norm": cfg.LOSS.NORM,
             "delta_d": cfg.LOSS.DELTA_D,
             "amp": amp,
+            "tta": [variant.name for variant in parse_tta(cfg.INFERENCE.TTA)],
             "storage": np.dtype(STORAGE_DTYPE).name,
         },
     }

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from melecole.inference.affinities import INVALID_AFFINITY, Offsets, _affinities_batched, _check_offsets
+from melecole.inference.affinities import INVALID_AFFINITY, Offsets, _check_offsets
+from melecole.inference.tta import IDENTITY, TTAVariant, parse_tta, window_affinities
 
 # _normalise leaves pairs without weight at 0.
 assert INVALID_AFFINITY == 0.0
@@ -210,6 +211,7 @@ def predict_volume(
     amp: bool = True,
     progress: bool = True,
     region: Sequence[slice] | None = None,
+    tta: Sequence[TTAVariant] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blended affinities and foreground probability of a volume (or of a region of it).
 
@@ -231,6 +233,8 @@ def predict_volume(
         region: optional (z, y, x) slices (step 1) of ``raw``: outputs cover only this region (e.g.
             the labelled part of a padded raw) while the whole raw gives context. Only windows
             whose cropped part meets the region are predicted.
+        tta: test-time augmentation variants (:func:`melecole.inference.tta.parse_tta`), averaged
+            per window before blending; None = no TTA.
 
     Returns:
         affinities: float32 (C, Z', Y', X') for the region (default: the whole volume); pairs
@@ -310,11 +314,10 @@ def predict_volume(
                 [padded[z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in batch_positions]
             )
             inputs = _to_unit_float(torch.from_numpy(crops).to(device, non_blocking=True))[:, None]
-            with autocast:
-                output = model(inputs)
-            embedding = output["embedding"].float()
-            batch_foreground = torch.sigmoid(output["foreground"].float())[:, 0]
-            batch_affinities = _affinities_batched(embedding, offsets, float(delta_d), norm)
+            with autocast:  # per TTA variant: model -> affinities in the window -> undone transform
+                batch_affinities, batch_foreground = window_affinities(
+                    model, inputs, tta or [IDENTITY], offsets, float(delta_d), norm
+                )
             for index, start in enumerate(batch_positions):
                 _accumulate(
                     batch_affinities[index],
@@ -403,4 +406,5 @@ def predict_options(cfg, stride: Sequence[int], margin: Sequence[int], device: t
         batch_size=cfg.INFERENCE.BATCH_SIZE,
         device=device,
         amp=amp,
+        tta=parse_tta(cfg.INFERENCE.TTA, cfg.INFERENCE.WINDOW_SIZE or cfg.MODEL.INPUT_SIZE),
     )
