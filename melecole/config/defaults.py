@@ -47,6 +47,10 @@ _C.DATASET.MAX_REDRAWS = 20
 # Connected components are recomputed inside each patch; pieces smaller than this (voxels) are
 # set to 0 (ignored) because their mean embedding is too noisy to be useful.
 _C.DATASET.MIN_OBJECT_SIZE = 4
+# Voxels within this many voxels of a different object are set to 0 in each training patch (after
+# augmentation): the metric loss ignores them and the foreground head learns them as boundary.
+# For dense ground truth without a boundary class (medulla); 0 = labels as given.
+_C.DATASET.BOUNDARY_WIDTH = 0
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation: each has ENABLED, a probability P and its strength parameters.
