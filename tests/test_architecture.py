@@ -38,7 +38,8 @@ def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
     """{module: modules of melecole it imports (anywhere in its source)}."""
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, tree in modules.items():
-        package = name if (PACKAGE.parent / Path(*name.split("."), "__init__.py")).is_file() else name.rpartition(".")[0]
+        is_package = (PACKAGE.parent / Path(*name.split("."), "__init__.py")).is_file()
+        package = name if is_package else name.rpartition(".")[0]
         for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.Import):
@@ -119,7 +120,12 @@ def test_no_import_cycle_between_subpackages():
 
 def test_no_library_module_imports_an_entry_point():
     graph = import_graph(_modules())
-    wrong = [f"{m} -> {t}" for m, targets in graph.items() for t in targets if is_entry_point(t) and not is_entry_point(m)]
+    wrong = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if is_entry_point(target) and not is_entry_point(module)
+    ]
     assert not wrong, wrong
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-
 from melecole.blockwise.plan import BlockwiseOptions
 from melecole.blockwise.tasks import (
     BlockwiseJob,

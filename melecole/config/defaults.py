@@ -47,6 +47,10 @@ _C.DATASET.MAX_REDRAWS = 20
 # Connected components are recomputed inside each patch; pieces smaller than this (voxels) are
 # set to 0 (ignored) because their mean embedding is too noisy to be useful.
 _C.DATASET.MIN_OBJECT_SIZE = 4
+# Voxels within this many voxels of a different object are set to 0 in each training patch (after
+# augmentation): the metric loss ignores them and the foreground head learns them as boundary.
+# For dense ground truth without a boundary class (medulla); 0 = labels as given.
+_C.DATASET.BOUNDARY_WIDTH = 0
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation: each has ENABLED, a probability P and its strength parameters.
@@ -199,7 +203,11 @@ _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
 # boundary class, and a predicted 0 is scored as one ordinary (huge, merging) segment.
 _C.INFERENCE.MIN_SEGMENT_SIZE = 20
 _C.INFERENCE.FILL_BACKGROUND = True
-# Test-time augmentation is not implemented; kept out on purpose.
+# Test-time augmentation (melecole/inference/tta.py): "none", or letters from "zyxt" (z / y / x flip,
+# t = y<->x transpose, which needs a window with equal y and x); every combination of them is one
+# variant ("yx": 4, "zyxt": 16). Per window, each variant's affinities are mapped back to the
+# original frame and averaged before blending; costs one forward pass per variant.
+_C.INFERENCE.TTA = "none"
 
 # --------------------------------------------------------------------------------------------------
 # Logging and outputs

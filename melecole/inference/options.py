@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from melecole.errors import ConfigError
+from melecole.inference.tta import TTAVariant, parse_tta
 
 __all__ = [
     "PredictOptions",
@@ -95,6 +96,8 @@ class PredictOptions:
         device: where the model runs ("cpu", "cuda:0").
         amp: autocast (float16) on CUDA.
         num_threads: CPU threads for torch (HARDWARE.NUM_THREADS; 0 = auto).
+        tta: test-time augmentation spec (INFERENCE.TTA: "none" or letters from "zyxt",
+            :func:`melecole.inference.tta.parse_tta`).
     """
 
     window: Triplet
@@ -108,6 +111,12 @@ class PredictOptions:
     device: str = "cpu"
     amp: bool = False
     num_threads: int = 0
+    tta: str = "none"
+
+    @property
+    def tta_variants(self) -> list[TTAVariant]:
+        """The test-time augmentation variants (identity first)."""
+        return parse_tta(self.tta, self.window)
 
     @property
     def reach(self) -> Triplet:
@@ -131,6 +140,7 @@ class PredictOptions:
             batch_size=self.batch_size,
             device=self.torch_device,
             amp=self.amp,
+            tta=self.tta_variants,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -145,6 +155,7 @@ class PredictOptions:
             "norm": self.norm,
             "delta_d": self.delta_d,
             "amp": self.amp,
+            "tta": [variant.name for variant in self.tta_variants],
         }
 
     def configure_threads(self) -> None:
@@ -160,6 +171,7 @@ def build_predict_options(cfg: Any) -> PredictOptions:
 
     window, stride, margin = resolve_windows(cfg)
     device = resolve_device(cfg.HARDWARE.DEVICE)
+    parse_tta(cfg.INFERENCE.TTA, window)  # a bad spec fails here, before any model is loaded
     return PredictOptions(
         window=tuple(window),
         stride=tuple(stride),
@@ -172,6 +184,7 @@ def build_predict_options(cfg: Any) -> PredictOptions:
         device=str(device),
         amp=bool(cfg.HARDWARE.AMP and device.type == "cuda"),
         num_threads=int(cfg.HARDWARE.NUM_THREADS),
+        tta=str(cfg.INFERENCE.TTA),
     )
 
 
