@@ -80,8 +80,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+SCRIPTS = ("melecole.train", "melecole.train_distributed", "melecole.demo")
+
+
 def is_entry_point(module: str) -> bool:
-    """A subpackage's command line (``cli``, ``__main__``); ``melecole.utils.cli`` is a helper for all."""
+    """A script (``melecole/train.py``, ...) or a subpackage's command line (``cli``, ``__main__``);
+    ``melecole.utils.cli`` is a helper for all of them."""
+    if module in SCRIPTS:
+        return True
     return module.rpartition(".")[2] in ("cli", "__main__") and not module.startswith("melecole.utils.")
 
 
