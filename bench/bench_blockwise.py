@@ -223,7 +223,7 @@ def write_scale_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -
     tile = voronoi_labels((shape[0], 256, 256), objects=300, seed=seed)
     rng = np.random.default_rng(seed)
     with create_volume(
-        str(path), (len(OFFSETS),) + tuple(shape), np.uint8, chunks=(len(OFFSETS), 32, 256, 256), overwrite=True
+        str(path), (len(OFFSETS),) + tuple(shape), np.uint8, chunks=(len(OFFSETS), 16, 64, 64), overwrite=True
     ) as writer:
         for y in range(0, shape[1], 256):
             for x in range(0, shape[2], 256):

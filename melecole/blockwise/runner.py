@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -67,8 +68,12 @@ class DaskExecutor:
 
     @property
     def dashboard(self) -> str | None:
-        link = getattr(self.client, "dashboard_link", None)
-        return link or None
+        """The dashboard URL, or None when the scheduler serves none (e.g. bokeh is not installed)."""
+        try:
+            services = self.client.scheduler_info().get("services", {})
+        except Exception:  # an old or unusual scheduler: no dashboard to report
+            return None
+        return self.client.dashboard_link if "dashboard" in services else None
 
     def map(self, function: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]:
         from distributed import as_completed
@@ -340,7 +345,8 @@ def segment_blockwise(
         if executor is None:
             executor = stack.enter_context(dask_executor(workers, scheduler, scheduler_timeout))
         if executor.dashboard:
-            report(f"dask dashboard: {executor.dashboard}")
+            hint = "" if importlib.util.find_spec("bokeh") else " (pip install bokeh for its plots)"
+            report(f"dask dashboard: {executor.dashboard}{hint}")
         summaries = run_job(job, executor, progress=progress, report=report)
     _commit(job, _parse_output(output_url), final)
     report(f"segmentation: {final}")
