@@ -15,7 +15,7 @@ pipeline's small-segment removal and background filling.
     python bench/bench_quality.py --config configs/synthetic-UNet3D.yaml --out /tmp/q/syn --iterations 1000
     # evaluate an existing checkpoint only, with a grid of post-processing overrides:
     python bench/bench_quality.py --config RUN/config.yaml --out /tmp/q/pp --checkpoint CKPT \
-        --variants "INFERENCE.MIN_SEGMENT_SIZE 20" "INFERENCE.MIN_SEGMENT_SIZE 200"
+        --variants "" "INFERENCE.MIN_SEGMENT_SIZE 200" -- [KEY VALUE ...]
 
 With ``--minutes``, OPTIM.TOTAL_ITER still sets the learning-rate schedule: choose it near
 (iterations per second) x 60 x minutes. Trailing KEY VALUE pairs override the config.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
+    if args.opts[:1] == ["--"]:  # "--" ends a --variants list
+        args.opts = args.opts[1:]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_cfg(args.config, args.opts)
@@ -162,7 +165,7 @@ def main() -> int:
     if args.checkpoint:
         report["variants"] = {}
         for variant in args.variants:
-            variant_cfg = load_cfg(args.config, args.opts + variant.split())
+            variant_cfg = load_cfg(args.config, args.opts + shlex.split(variant))
             scores = evaluate_checkpoint(variant_cfg, Path(args.checkpoint), out / "eval", args.split)
             report["variants"][variant or "(config)"] = scores
             print(
