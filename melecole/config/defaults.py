@@ -47,6 +47,10 @@ _C.DATASET.MAX_REDRAWS = 20
 # Connected components are recomputed inside each patch; pieces smaller than this (voxels) are
 # set to 0 (ignored) because their mean embedding is too noisy to be useful.
 _C.DATASET.MIN_OBJECT_SIZE = 4
+# Voxels within this many voxels of a different object are set to 0 in each training patch (after
+# augmentation): the metric loss ignores them and the foreground head learns them as boundary.
+# For dense ground truth without a boundary class (medulla); 0 = labels as given.
+_C.DATASET.BOUNDARY_WIDTH = 0
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation: each has ENABLED, a probability P and its strength parameters.
@@ -199,7 +203,11 @@ _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
 # boundary class, and a predicted 0 is scored as one ordinary (huge, merging) segment.
 _C.INFERENCE.MIN_SEGMENT_SIZE = 20
 _C.INFERENCE.FILL_BACKGROUND = True
-# Test-time augmentation is not implemented; kept out on purpose.
+# Test-time augmentation (melecole/inference/tta.py): "none", or letters from "zyxt" (z / y / x flip,
+# t = y<->x transpose, which needs a window with equal y and x); every combination of them is one
+# variant ("yx": 4, "zyxt": 16). Per window, each variant's affinities are mapped back to the
+# original frame and averaged before blending; costs one forward pass per variant.
+_C.INFERENCE.TTA = "none"
 
 # --------------------------------------------------------------------------------------------------
 # Logging and outputs
@@ -226,6 +234,38 @@ _C.SYSTEM = CN()
 _C.SYSTEM.SEED = 0
 # torch.use_deterministic_algorithms; slower, needed for bit-exact resume on GPU.
 _C.SYSTEM.DETERMINISTIC = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Blockwise segmentation (python -m melecole.blockwise, infer.py --blockwise): dask, large volumes.
+# Also uses INFERENCE.OFFSETS, MWS_BACKGROUND, MWS_STRIDES, MIN_SEGMENT_SIZE and FILL_BACKGROUND.
+# --------------------------------------------------------------------------------------------------
+_C.BLOCKWISE = CN()
+# Block (z, y, x) one task segments; a multiple of OUTPUT_CHUNKS. Memory per worker ~ 3x the
+# affinities of one block plus its halo (float32).
+_C.BLOCKWISE.BLOCK_SHAPE = [64, 256, 256]
+# Storage chunks (z, y, x) of the segmentation (zarr); every block is a whole number of chunks.
+_C.BLOCKWISE.OUTPUT_CHUNKS = [32, 128, 128]
+# Context (z, y, x) read around a block to compute its fragments; empty = twice the largest |offset|.
+# Never less than the largest |offset| (the region graph needs that reach).
+_C.BLOCKWISE.HALO = []
+# Fragments per block: mws (voxel mutex watershed on block + halo, cropped) | watershed (seeded
+# watershed on the nearest-neighbour boundary map, faster, more fragments).
+_C.BLOCKWISE.FRAGMENTS = "mws"
+# watershed fragments: voxels with boundary height (1 - mean nearest-neighbour affinity) below this
+# are interior; seeds are maxima of the interior's distance transform, smoothed with SEED_SIGMA.
+_C.BLOCKWISE.WATERSHED_THRESHOLD = 0.5
+_C.BLOCKWISE.SEED_SIGMA = 1.0
+# Agglomeration of the fragment graph: mws (graph mutex watershed: mean nearest-neighbour affinity
+# attracts, 1 - mean long-range affinity repels) | mean (merge pairs whose mean nearest-neighbour
+# affinity exceeds THRESHOLD; connected components).
+_C.BLOCKWISE.AGGLOMERATION = "mws"
+_C.BLOCKWISE.THRESHOLD = 0.5
+# Background fill (INFERENCE.FILL_BACKGROUND) looks this far (z, y, x) around a block for the nearest
+# segment; voxels farther than that from every segment keep 0. Empty = HALO.
+_C.BLOCKWISE.FILL_HALO = []
+# Dask workers (processes, one thread each) of the LocalCluster when no scheduler address is given.
+_C.BLOCKWISE.WORKERS = 2
 
 
 def get_default_cfg() -> CN:

@@ -9,12 +9,15 @@ file.hdf:key, zarr (x.zarr[:key]) and precomputed URLs. Affinities and foregroun
 their fingerprint (checkpoint, config, input) matches; MWS is redone. --output-precomputed URL also
 writes URL/segmentation and URL/affinities. --affinities-only predicts block by block (bounded
 memory) from --input into --output-affinities (precomputed or zarr), without MWS or HDF5 results.
+--blockwise predicts the same way, then segments block by block on dask into --output (zarr); it takes
+the options of python -m melecole.blockwise (--block, --workers | --scheduler, --fragments, --resume).
 """
 
 from __future__ import annotations
 
 import argparse
 
+from melecole.blockwise.api import add_blockwise_arguments, infer_blockwise
 from melecole.config import load_cfg
 from melecole.errors import ConfigError
 from melecole.inference.chunked import predict_affinities_to_store
@@ -48,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output-membranes", metavar="URL", help="--affinities-only foreground probability output")
     add("--chunk", type=int, nargs=3, metavar=ZYX, help="--affinities-only block (default 32 256 256)")
     add("--halo", type=int, nargs=3, metavar=ZYX, help="--affinities-only context (default: exact result)")
+    add("--blockwise", action="store_true", help="chunked affinities, then blockwise segmentation (dask)")
+    add("--output", metavar="URL", help="--blockwise segmentation output (zarr: x.zarr[:key])")
+    add_blockwise_arguments(parser, overwrite=False)
     add_config_arguments(parser)
     return parser
 
@@ -74,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     check_flags(args)
     setup_logging()
     cfg = load_cfg(args.config, args.opts)
+    if args.blockwise:
+        infer_blockwise(cfg, args)
+        return 0
     common = dict(raw_key=args.raw_key, overwrite=args.overwrite, progress=cfg.LOG.PROGRESS_BAR)
     store = dict(resolution=args.resolution, output_dtype=args.output_dtype)
     if args.affinities_only:

@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from melecole.config.validate import check_inference_windows
+from melecole.inference.tta import TTAVariant, parse_tta
 
 __all__ = [
     "PredictOptions",
@@ -71,6 +72,8 @@ class PredictOptions:
         device: where the model runs ("cpu", "cuda:0").
         amp: autocast (float16) on CUDA.
         num_threads: CPU threads for torch (HARDWARE.NUM_THREADS; 0 = auto).
+        tta: test-time augmentation spec (INFERENCE.TTA: "none" or letters from "zyxt",
+            :func:`melecole.inference.tta.parse_tta`).
     """
 
     window: Triplet
@@ -84,6 +87,12 @@ class PredictOptions:
     device: str = "cpu"
     amp: bool = False
     num_threads: int = 0
+    tta: str = "none"
+
+    @property
+    def tta_variants(self) -> list[TTAVariant]:
+        """The test-time augmentation variants (identity first)."""
+        return parse_tta(self.tta, self.window)
 
     @property
     def reach(self) -> Triplet:
@@ -107,6 +116,7 @@ class PredictOptions:
             batch_size=self.batch_size,
             device=self.torch_device,
             amp=self.amp,
+            tta=self.tta_variants,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -121,6 +131,7 @@ class PredictOptions:
             "norm": self.norm,
             "delta_d": self.delta_d,
             "amp": self.amp,
+            "tta": [variant.name for variant in self.tta_variants],
         }
 
     def configure_threads(self) -> None:
@@ -136,6 +147,7 @@ def build_predict_options(cfg: Any) -> PredictOptions:
 
     window, stride, margin = resolve_windows(cfg)
     device = resolve_device(cfg.HARDWARE.DEVICE)
+    parse_tta(cfg.INFERENCE.TTA, window)  # a bad spec fails here, before any model is loaded
     return PredictOptions(
         window=tuple(window),
         stride=tuple(stride),
@@ -148,6 +160,7 @@ def build_predict_options(cfg: Any) -> PredictOptions:
         device=str(device),
         amp=bool(cfg.HARDWARE.AMP and device.type == "cuda"),
         num_threads=int(cfg.HARDWARE.NUM_THREADS),
+        tta=str(cfg.INFERENCE.TTA),
     )
 
 

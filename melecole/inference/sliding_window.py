@@ -22,14 +22,15 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from melecole.inference.affinities import INVALID_AFFINITY, Offsets, affinities_tensor, check_offsets
+from melecole.inference.affinities import INVALID_AFFINITY, Offsets, check_offsets
 from melecole.inference.options import default_stride
+from melecole.inference.tta import IDENTITY, TTAVariant, window_affinities
 from melecole.utils.progress import progress_bar
 
 # _normalise leaves pairs without weight at 0.
 assert INVALID_AFFINITY == 0.0
 
-__all__ = ["predict_volume", "predict_windows", "window_starts", "blending_profile", "BLENDING_CHOICES"]
+__all__ = ["predict_volume", "window_starts", "blending_profile", "BLENDING_CHOICES"]
 
 BLENDING_CHOICES = ("gaussian", "bump", "constant")
 Blending = Literal["gaussian", "bump", "constant"]
@@ -299,22 +300,6 @@ class _WindowGrid:
         return self.affinities, self.foreground
 
 
-def predict_windows(
-    model: torch.nn.Module,
-    inputs: torch.Tensor,
-    offsets: list[tuple[int, ...]],
-    delta_d: float,
-    norm: Literal["l1", "l2"],
-    autocast: contextlib.AbstractContextManager,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of windows: model -> per-window affinities (B, C, wz, wy, wx) and foreground
-    probability (B, wz, wy, wx), both float32 on the model's device."""
-    with autocast:
-        output = model(inputs)
-    foreground = torch.sigmoid(output["foreground"].float())[:, 0]
-    return affinities_tensor(output["embedding"].float(), offsets, float(delta_d), norm), foreground
-
-
 def predict_volume(
     model: torch.nn.Module,
     raw: np.ndarray,
@@ -331,6 +316,7 @@ def predict_volume(
     amp: bool = True,
     progress: bool = True,
     region: Sequence[slice] | None = None,
+    tta: Sequence[TTAVariant] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blended affinities and foreground probability of a volume (or of a region of it).
 
@@ -353,6 +339,8 @@ def predict_volume(
         region: optional (z, y, x) slices (step 1) of ``raw``: outputs cover only this region (e.g.
             the labelled part of a padded raw) while the whole raw gives context. Only windows
             whose cropped part meets the region are predicted.
+        tta: test-time augmentation variants (:func:`melecole.inference.tta.parse_tta`), averaged
+            per window before blending; None = no TTA.
 
     Returns:
         affinities: float32 (C, Z', Y', X') for the region (default: the whole volume); pairs
@@ -368,12 +356,19 @@ def predict_volume(
     grid = _WindowGrid(raw, window, stride, margin, offsets, blending, region, device)
     use_amp = amp and device.type == "cuda"
     autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+    variants = list(tta or [IDENTITY])
+
+    def forward(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast:
+            return model(inputs)
+
     model.eval()
     bar = progress_bar(total=len(grid.positions), desc="windows", unit="win", enabled=progress, leave=False)
     with torch.inference_mode():
         for first in range(0, len(grid.positions), batch_size):
             positions = grid.positions[first : first + batch_size]
-            affinities, foreground = predict_windows(model, grid.crops(positions), offsets, delta_d, norm, autocast)
+            crops = grid.crops(positions)
+            affinities, foreground = window_affinities(forward, crops, variants, offsets, float(delta_d), norm)
             for index, start in enumerate(positions):
                 grid.accumulate(affinities[index], foreground[index], start)
             bar.update(len(positions))

@@ -16,6 +16,7 @@ from melecole.data.dataset import (
     build_train_loader,
     build_val_batches,
     crop_padded,
+    mask_boundaries,
     relabel_components,
 )
 from melecole.data.volume import Volume, read_volume
@@ -238,3 +239,26 @@ def test_crop_padded_reflect_matches_numpy_pad() -> None:
     for start, size in [((-2, -3, 1), (4, 6, 8)), ((1, 2, -9), (3, 9, 7)), ((0, 0, 0), (3, 4, 5))]:
         expected = padded[tuple(slice(s + 9, s + 9 + n) for s, n in zip(start, size))]
         np.testing.assert_array_equal(crop_padded(array, start, size, mode="reflect"), expected)
+
+
+def test_mask_boundaries_marks_both_sides_of_an_interface() -> None:
+    labels = np.zeros((1, 4, 6), dtype=np.int64)
+    labels[0, :, :3] = 1
+    labels[0, :, 3:5] = 2  # column 5 stays 0: unlabelled voxels do not grow
+    masked = mask_boundaries(labels, 1)
+    expected = labels.copy()
+    expected[0, :, 2:4] = 0
+    np.testing.assert_array_equal(masked, expected)
+    wide = mask_boundaries(labels, 2)
+    assert np.all(wide[0, :, 1:5] == 0) and np.all(wide[0, :, 0] == 1)
+    assert mask_boundaries(labels, 0) is labels
+    np.testing.assert_array_equal(labels[0, 0], [1, 1, 1, 2, 2, 0])  # input untouched
+
+
+def test_dataset_boundary_width_leaves_a_gap_between_objects() -> None:
+    raw = np.zeros((4, 16, 16), dtype=np.uint8)
+    labels = np.ones((4, 16, 16), dtype=np.uint32)
+    labels[:, :, 8:] = 2
+    volume = Volume(raw=raw, labels=labels, path=Path("mem.hdf"), padding=(0, 0, 0))
+    sample = TrainDataset([volume], (4, 16, 16), boundary_width=1)[0]["labels"].numpy()
+    assert np.all(sample[:, :, 7:9] == 0) and len(np.unique(sample)) == 3

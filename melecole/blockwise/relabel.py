@@ -1,0 +1,45 @@
+"""Relabel one block through the lookup table, then fill its background (numpy in, numpy out).
+
+Background fill (INFERENCE.FILL_BACKGROUND) is done blockwise: a block is read with ``fill_halo``
+context, voxels at 0 take the label of the nearest labelled voxel inside that padded box, and the
+block is cropped. This equals the whole-volume fill wherever the nearest segment lies within the
+fill halo; voxels farther than that from every segment keep 0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import fastremap
+import numpy as np
+
+from melecole.blockwise.agglomerate import LookupTable
+from melecole.inference.postprocess import fill_background
+
+__all__ = ["relabel_block"]
+
+
+def relabel_block(
+    fragments: np.ndarray, table: LookupTable, inner: Sequence[slice], *, fill: bool = True
+) -> np.ndarray:
+    """Segment ids of one block.
+
+    Args:
+        fragments: (Z, Y, X) global fragment ids of the block plus its fill halo.
+        table: fragment -> segment lookup (0 for dropped segments).
+        inner: the block's slices inside ``fragments``.
+        fill: give voxels at 0 the nearest segment's label (within the padded box).
+
+    Returns:
+        uint64 (z, y, x) segmentation of the block.
+    """
+    if not fill:
+        fragments = fragments[tuple(inner)]
+    ids = fastremap.unique(fragments)
+    segments = table.lookup(ids)
+    labels = fastremap.remap(
+        np.ascontiguousarray(fragments, dtype=np.uint64), {int(i): int(s) for i, s in zip(ids, segments)}
+    ).astype(np.uint64, copy=False)
+    if fill:
+        labels = fill_background(labels)[tuple(inner)]
+    return np.ascontiguousarray(labels)

@@ -1,0 +1,354 @@
+"""Runs the block tasks on an engine: dask.distributed (LocalCluster or a scheduler) or in-process.
+
+The only module that knows dask. Passes run one after the other (fragments -> graph -> agglomerate ->
+relabel); inside a pass blocks run in parallel, in whatever order the engine likes. A progress bar
+counts blocks, and each pass ends with one summary line (blocks, seconds, Mvoxel/s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from melecole.blockwise.plan import BlockwiseOptions
+from melecole.blockwise.tasks import (
+    BlockwiseJob,
+    agglomerate_task,
+    fragments_task,
+    graph_task,
+    is_done,
+    prepare_workdir,
+    read_manifest,
+    relabel_task,
+)
+from melecole.errors import ConfigError, DataError
+from melecole.io.volumes import VolumeURL, open_volume, parse_volume_url
+from melecole.utils.progress import progress_bar
+
+__all__ = [
+    "SerialExecutor",
+    "DaskExecutor",
+    "dask_executor",
+    "PassSummary",
+    "run_job",
+    "plan_job",
+    "segment_blockwise",
+    "work_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class SerialExecutor:
+    """Runs tasks one after the other in this process (tests, debugging, a one-core machine)."""
+
+    dashboard = None
+
+    def map(self, function: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]:
+        for item in items:
+            yield function(item)
+
+
+class DaskExecutor:
+    """Submits tasks to a dask ``Client``; a task lost with its worker is rerun by dask."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    @property
+    def dashboard(self) -> str | None:
+        """The dashboard URL, or None when the scheduler serves none (e.g. bokeh is not installed)."""
+        try:
+            services = self.client.scheduler_info().get("services", {})
+        except Exception:  # an old or unusual scheduler: no dashboard to report
+            return None
+        return self.client.dashboard_link if "dashboard" in services else None
+
+    def map(self, function: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]:
+        from distributed import as_completed
+
+        futures = self.client.map(function, list(items), pure=False)
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.release()
+
+
+@contextlib.contextmanager
+def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float = 10.0) -> Iterator[DaskExecutor]:
+    """A :class:`DaskExecutor` on a new LocalCluster (``workers`` processes, one thread each) or on the
+    scheduler at ``scheduler`` (e.g. ``tcp://10.0.0.1:8786``, or one started by dask-jobqueue).
+
+    Raises:
+        DataError: no scheduler answered at ``scheduler`` within ``timeout`` seconds.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=f"{timeout}s")
+        except (OSError, TimeoutError, ValueError) as error:
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise DataError(
+                f"--scheduler '{scheduler}': no dask scheduler answered within {timeout:g} s ({reason[:160]}), "
+                "expected the address of a running scheduler (tcp://HOST:PORT)"
+            ) from None
+        with client:
+            yield DaskExecutor(client)
+        return
+    # One thread per worker: the block functions are single-threaded numpy / C++.
+    environment = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with LocalCluster(
+        n_workers=int(workers),
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+        env=environment,
+    ) as cluster, Client(cluster) as client:
+        # Import the block functions in every worker now, so the first pass's time is the work's.
+        client.run(importlib.import_module, "melecole.blockwise.tasks")
+        yield DaskExecutor(client)
+
+
+@dataclass(frozen=True)
+class PassSummary:
+    """One pass: blocks run (``skipped`` were already done), wall seconds, voxels covered."""
+
+    name: str
+    blocks: int
+    skipped: int
+    seconds: float
+    voxels: int
+
+    def line(self) -> str:
+        rate = self.voxels / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        skipped = f" ({self.skipped} already done, skipped)" if self.skipped else ""
+        return f"{self.name}: {self.blocks} blocks in {self.seconds:.1f} s, {rate:.2f} Mvoxel/s{skipped}"
+
+
+def _run_pass(
+    job: BlockwiseJob, name: str, task: Callable[[BlockwiseJob, int], Any], executor: Any, progress: Any,
+    report: Callable[[str], None],
+) -> PassSummary:
+    total = job.plan.num_blocks if name != "agglomerate" else 1
+    todo = [index for index in range(total) if not is_done(job, name, index)]
+    skipped = total - len(todo)
+    if skipped:
+        report(f"{name}: resuming, {skipped} of {total} blocks already done")
+    start = time.perf_counter()
+    voxels = 0
+    results = executor.map(functools.partial(task, job), todo)
+    bar = progress_bar(results, total=len(todo), desc=name, unit="block", enabled=progress if todo else False)
+    for result in bar:
+        voxels += result if isinstance(result, int) else 0
+    if name == "agglomerate":
+        voxels = int(job.shape[0]) * int(job.shape[1]) * int(job.shape[2]) if todo else 0
+    summary = PassSummary(name, len(todo), skipped, time.perf_counter() - start, voxels)
+    report(summary.line())
+    return summary
+
+
+PASSES: tuple[tuple[str, Callable[[BlockwiseJob, int], Any]], ...] = (
+    ("fragments", fragments_task),
+    ("graph", graph_task),
+    ("agglomerate", agglomerate_task),
+    ("relabel", relabel_task),
+)
+
+
+def run_job(
+    job: BlockwiseJob, executor: Any, *, progress: Any = True, report: Callable[[str], None] = print
+) -> list[PassSummary]:
+    """Runs every pass of ``job`` (skipping blocks already marked done) on ``executor``."""
+    prepare_workdir(job)
+    return [_run_pass(job, name, task, executor, progress, report) for name, task in PASSES]
+
+
+# ------------------------------------------------------------------------------- inputs / output
+
+
+def work_folder(output: VolumeURL) -> Path:
+    """The work folder of an output: a hidden sibling of the zarr root."""
+    root = Path(output.path)
+    suffix = f"-{output.key.replace('/', '-')}" if output.key else ""
+    return root.parent / f".{root.name}{suffix}.blockwise"
+
+
+def _final_path(output: VolumeURL) -> Path:
+    return Path(output.path) / output.key if output.key else Path(output.path)
+
+
+def _check_inputs(
+    affinities_url: str, foreground_url: str | None, offsets: Sequence[Sequence[int]]
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(shape, resolution) of the inputs; one-line DataError for a missing or mismatched input."""
+    affinities = open_volume(affinities_url)
+    if affinities.ndim != 4:
+        raise DataError(f"{affinities.url}: shape {list(affinities.shape)}, expected (C, Z, Y, X) affinities")
+    if affinities.shape[0] != len(offsets):
+        raise DataError(
+            f"{affinities.url}: {affinities.shape[0]} channels, expected {len(offsets)} "
+            "(one per INFERENCE.OFFSETS entry of the config)"
+        )
+    shape = tuple(int(s) for s in affinities.shape[1:])
+    if foreground_url:
+        foreground = open_volume(foreground_url)
+        if tuple(foreground.shape) != shape:
+            raise DataError(
+                f"{foreground.url}: shape {list(foreground.shape)}, expected the affinities' (Z, Y, X) {list(shape)}"
+            )
+    resolution = affinities.resolution or (1.0, 1.0, 1.0)
+    return shape, tuple(resolution)  # type: ignore[return-value]
+
+
+def _parse_output(output_url: str) -> VolumeURL:
+    try:
+        parsed = parse_volume_url(output_url)
+    except DataError:
+        parsed = None
+    if parsed is None or parsed.format != "zarr":
+        raise ConfigError(f"--output '{output_url}': not a zarr URL, expected a zarr folder (x.zarr or x.zarr:key)")
+    return parsed
+
+
+def plan_job(
+    affinities_url: str,
+    output_url: str,
+    options: BlockwiseOptions,
+    *,
+    foreground_url: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> tuple[BlockwiseJob | None, Path]:
+    """Checks inputs and output and prepares the job (before any cluster starts).
+
+    Returns:
+        (job, final output path); job is None when ``resume`` finds the output already complete.
+
+    Raises:
+        DataError / ConfigError: missing or mismatched inputs, an existing output or interrupted run
+            without ``resume`` / ``overwrite``, or a resume with different inputs or options.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: give one of them")
+    output = _parse_output(output_url)
+    shape, resolution = _check_inputs(affinities_url, foreground_url, options.offsets)
+    final, workdir = _final_path(output), work_folder(output)
+    manifest = read_manifest(workdir)
+    if overwrite and workdir.exists():
+        shutil.rmtree(workdir)
+    elif final.exists() and not overwrite and manifest is None:
+        if resume:
+            return None, final
+        raise DataError(f"--output '{output_url}': already exists, expected --resume or --overwrite to replace it")
+    elif manifest is not None and not resume:
+        raise DataError(
+            f"{workdir}: an interrupted run of this output, expected --resume to finish it or --overwrite"
+        )
+    job = BlockwiseJob(
+        affinities_url, foreground_url, str(workdir), shape, options, resolution  # type: ignore[arg-type]
+    )
+    if manifest is not None and resume and json_safe(manifest) != json_safe(job.manifest()):
+        raise DataError(
+            f"{workdir}: the interrupted run used other inputs or options, expected the same command "
+            "(or --overwrite to start again)"
+        )
+    return job, final
+
+
+def json_safe(value: Any) -> Any:
+    """Tuples -> lists, recursively (a manifest read back from json compares equal)."""
+    return json.loads(json.dumps(value))
+
+
+def _commit(job: BlockwiseJob, output: VolumeURL, final: Path) -> None:
+    """Moves the finished segmentation into place (replacing an old one), removes the work folder."""
+    import zarr
+
+    if output.key:
+        group = zarr.open_group(str(output.path), mode="a", zarr_format=2)
+        parts = output.key.split("/")
+        for depth in range(1, len(parts)):
+            name = "/".join(parts[:depth])
+            if name not in group:
+                group.create_group(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(job.output_path, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(job.path, ignore_errors=True)
+
+
+def segment_blockwise(
+    affinities_url: str,
+    output_url: str,
+    options: BlockwiseOptions,
+    *,
+    foreground_url: str | None = None,
+    workers: int = 2,
+    scheduler: str | None = None,
+    scheduler_timeout: float = 10.0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Any = True,
+    executor: Any = None,
+    report: Callable[[str], None] = print,
+) -> list[PassSummary]:
+    """Segments stored affinities block by block into a zarr segmentation (``python -m melecole.blockwise``).
+
+    Args:
+        affinities_url: (C, Z, Y, X) affinities (HDF5 ``file:key``, zarr, precomputed), C = len(offsets).
+        output_url: zarr output (``x.zarr`` or ``x.zarr:key``), uint64, chunks = options.output_chunks.
+        options: see :func:`melecole.blockwise.plan.build_options`.
+        foreground_url: optional (Z, Y, X) foreground probability (same store types).
+        workers: LocalCluster processes (ignored with ``scheduler`` or ``executor``).
+        scheduler: address of a running dask scheduler instead of a LocalCluster.
+        scheduler_timeout: seconds to wait for ``scheduler`` to answer.
+        resume: finish an interrupted run (blocks marked done are skipped).
+        overwrite: replace an existing output and discard an interrupted run.
+        progress: bars over blocks (a bool or a LOG.PROGRESS_BAR setting: auto = only on a terminal).
+        executor: run on this executor (e.g. :class:`SerialExecutor`) instead of dask.
+        report: where the dashboard address and summary lines go.
+
+    Returns:
+        One :class:`PassSummary` per pass ([] when ``resume`` finds the output complete).
+    """
+    job, final = plan_job(
+        affinities_url, output_url, options, foreground_url=foreground_url, resume=resume, overwrite=overwrite
+    )
+    if job is None:
+        report(f"{final}: already complete, nothing to resume")
+        return []
+    report(
+        f"{job.plan.num_blocks} blocks of {list(options.block_shape)} over {list(job.shape)}, "
+        f"{options.fragments} fragments, {options.agglomeration} agglomeration"
+    )
+    with contextlib.ExitStack() as stack:
+        if executor is None:
+            executor = stack.enter_context(dask_executor(workers, scheduler, scheduler_timeout))
+        if executor.dashboard:
+            hint = "" if importlib.util.find_spec("bokeh") else " (pip install bokeh for its plots)"
+            report(f"dask dashboard: {executor.dashboard}{hint}")
+        summaries = run_job(job, executor, progress=progress, report=report)
+    _commit(job, _parse_output(output_url), final)
+    report(f"segmentation: {final}")
+    return summaries
+

@@ -1,0 +1,98 @@
+"""The blockwise algorithm on in-memory arrays: the same block functions as the dask runner.
+
+``segment_affinities(affinities, options)`` with a block shape covering the volume is the
+whole-volume fragment-graph segmentation (one block) that ``infer.py`` can use; with smaller blocks
+it reproduces, in one process, exactly what ``python -m melecole.blockwise`` writes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from melecole.blockwise.agglomerate import LookupTable, agglomerate
+from melecole.blockwise.fragments import block_fragments, global_fragment_ids
+from melecole.blockwise.graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
+from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
+from melecole.blockwise.relabel import relabel_block
+
+__all__ = ["as_probabilities", "segment_affinities", "fragments_of_block", "graph_of_block"]
+
+
+def as_probabilities(values: np.ndarray) -> np.ndarray:
+    """Stored affinities / foreground -> float32 in [0, 1] (uint8 stores round(255 p))."""
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) * np.float32(1.0 / 255.0)
+    return values.astype(np.float32, copy=False)
+
+
+def fragments_of_block(
+    affinities: np.ndarray, foreground: np.ndarray | None, inner: tuple, index: int, plan: BlockPlan,
+    options: BlockwiseOptions,
+) -> np.ndarray:
+    """Global fragment ids (uint64, block shape) of block ``index`` from its padded inputs."""
+    local = block_fragments(
+        as_probabilities(affinities),
+        options.offsets,
+        inner,
+        mode=options.fragments,
+        foreground=None if foreground is None else as_probabilities(foreground),
+        background_threshold=options.background_threshold,
+        strides=options.strides,
+        interior_threshold=options.watershed_threshold,
+        seed_sigma=options.seed_sigma,
+    )
+    return global_fragment_ids(local, index, plan.block_voxels)
+
+
+def graph_of_block(
+    fragments: np.ndarray, affinities: np.ndarray, inner: tuple, options: BlockwiseOptions
+) -> tuple[RegionGraph, np.ndarray, np.ndarray]:
+    """(edges, fragment ids, fragment sizes) of one block: fragments padded by the reach, block affinities."""
+    graph = block_region_graph(fragments, as_probabilities(affinities), options.offsets, inner)
+    ids, sizes = fragment_sizes(fragments[tuple(inner)])
+    return graph, ids, sizes
+
+
+def segment_affinities(
+    affinities: np.ndarray, options: BlockwiseOptions, foreground: np.ndarray | None = None
+) -> tuple[np.ndarray, LookupTable]:
+    """Fragments per block, region graph, agglomeration, relabel: all in memory.
+
+    Args:
+        affinities: (C, Z, Y, X) float in [0, 1] or uint8 (round(255 a)).
+        options: offsets, block shape (>= the volume: one block), modes, thresholds.
+        foreground: optional (Z, Y, X) foreground probability.
+
+    Returns:
+        (uint64 (Z, Y, X) segmentation, the fragment -> segment lookup table).
+    """
+    if affinities.ndim != 4 or affinities.shape[0] != len(options.offsets):
+        raise ValueError(f"affinities must be (C, Z, Y, X) with C = {len(options.offsets)}, got {affinities.shape}")
+    shape = affinities.shape[1:]
+    plan = BlockPlan(tuple(shape), options.block_shape)  # type: ignore[arg-type]
+    fragments = np.zeros(shape, dtype=np.uint64)
+    for index in range(plan.num_blocks):
+        outer, inner = plan.padded(index, options.halo)
+        fragments[plan.box(index)] = fragments_of_block(
+            affinities[(slice(None),) + outer], None if foreground is None else foreground[outer],
+            inner, index, plan, options,
+        )
+    graphs, ids, sizes = [], [], []
+    for index in range(plan.num_blocks):
+        outer, inner = plan.padded(index, options.reach)
+        graph, block_ids, block_sizes = graph_of_block(
+            fragments[outer], affinities[(slice(None),) + plan.box(index)], inner, options
+        )
+        graphs.append(graph)
+        ids.append(block_ids)
+        sizes.append(block_sizes)
+    table = agglomerate(
+        reduce_graphs(graphs), np.concatenate(ids), np.concatenate(sizes),
+        mode=options.agglomeration, threshold=options.threshold, min_size=options.min_segment_size,
+    )
+    segmentation = np.zeros(shape, dtype=np.uint64)
+    for index in range(plan.num_blocks):
+        outer, inner = plan.padded(index, options.fill_halo if options.fill_background else (0, 0, 0))
+        segmentation[plan.box(index)] = relabel_block(fragments[outer], table, inner, fill=options.fill_background)
+    return segmentation, table

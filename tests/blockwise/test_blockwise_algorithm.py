@@ -1,0 +1,176 @@
+"""Blockwise segmentation numerics on hand-built and tiny volumes (no dask)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import noisy_affinities, voronoi_labels
+
+from melecole.blockwise.agglomerate import LookupTable, agglomerate, graph_mutex_watershed
+from melecole.blockwise.fragments import block_fragments, global_fragment_ids
+from melecole.blockwise.graph import RegionGraph, block_region_graph, reduce_graphs
+from melecole.blockwise.plan import BlockPlan, build_options
+from melecole.blockwise.relabel import relabel_block
+from melecole.blockwise.segment import segment_affinities
+from melecole.errors import ConfigError
+from melecole.evaluation import evaluate_segmentation
+from melecole.inference.affinities import affinities_from_labels
+from melecole.inference.mws import mutex_watershed
+from melecole.inference.postprocess import postprocess_segmentation
+
+NEAREST = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b are equal up to renumbering (a bijection between their ids)."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def test_global_fragment_ids_are_unique_across_blocks():
+    plan = BlockPlan((4, 6, 6), (2, 3, 3))
+    local = np.array([[0, 1], [2, 27]], dtype=np.uint64)  # 27 = a block's largest possible local id? no: 18
+    ids = [global_fragment_ids(np.minimum(local, plan.block_voxels), b, plan.block_voxels) for b in range(8)]
+    assert all(i[0, 0] == 0 for i in ids)  # background stays 0
+    ranges = [(i[i > 0].min(), i.max()) for i in ids]
+    assert all(high < low for (_, high), (low, _) in zip(ranges, ranges[1:]))  # disjoint, increasing
+
+
+def test_region_graph_sums_and_counts_by_kind():
+    # 1 x 1 x 4 voxels: fragments 5 5 | 9 9, offsets: nearest (x) and long range (x - 2).
+    fragments = np.array([[[5, 5, 9, 9]]], dtype=np.uint64)
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1], [0, 0, -2]]
+    affinities = np.zeros((4, 1, 1, 4), dtype=np.float32)
+    affinities[2, 0, 0] = [0.0, 0.9, 0.2, 0.8]  # pair (x-1, x): only x=2 crosses 5|9 -> 0.2
+    affinities[3, 0, 0] = [0.0, 0.0, 0.3, 0.5]  # pairs (0,2) and (1,3) cross -> 0.3 + 0.5
+    graph = block_region_graph(fragments, affinities, offsets, (slice(0, 1), slice(0, 1), slice(0, 4)))
+    assert graph.u.tolist() == [5] and graph.v.tolist() == [9]
+    assert graph.attractive_sum[0] == pytest.approx(0.2) and graph.attractive_count.tolist() == [1]
+    assert graph.long_range_sum[0] == pytest.approx(0.8) and graph.long_range_count.tolist() == [2]
+
+
+def test_region_graph_across_block_faces_equals_one_block():
+    rng = np.random.default_rng(1)
+    labels = voronoi_labels((8, 20, 20), seeds=12, seed=3).astype(np.uint64) * 7
+    offsets = NEAREST + [[-2, 0, 0], [0, -5, 0], [1, 0, -5], [0, 3, 4]]
+    affinities = rng.random((len(offsets),) + labels.shape).astype(np.float32)
+    whole = block_region_graph(labels, affinities, offsets, (slice(0, 8), slice(0, 20), slice(0, 20)))
+    plan = BlockPlan(labels.shape, (4, 8, 12))
+    parts = []
+    for index in range(plan.num_blocks):
+        outer, inner = plan.padded(index, (2, 5, 5))
+        parts.append(block_region_graph(labels[outer], affinities[(slice(None),) + plan.box(index)], offsets, inner))
+    reduced = reduce_graphs(parts)
+    assert len(whole) > 20 and len(reduced) == len(whole)
+    for name in ("u", "v", "attractive_count", "long_range_count"):
+        np.testing.assert_array_equal(getattr(reduced, name), getattr(whole, name))
+    np.testing.assert_allclose(reduced.attractive_sum, whole.attractive_sum, rtol=1e-12)
+    np.testing.assert_allclose(reduced.long_range_sum, whole.long_range_sum, rtol=1e-12)
+
+
+def _graph(u, v, attractive, long_range) -> RegionGraph:
+    count = lambda values: np.array([0 if a is None else 1 for a in values], dtype=np.int64)  # noqa: E731
+    total = lambda values: np.array([0.0 if a is None else a for a in values])  # noqa: E731
+    return RegionGraph(
+        np.array(u, np.uint64), np.array(v, np.uint64), total(attractive), count(attractive),
+        total(long_range), count(long_range),
+    )
+
+
+def test_graph_mutex_watershed_respects_stronger_mutex():
+    # 1-2 attract strongly, 2-3 weakly; a mutex 1-3 (1 - 0.1 = 0.9) comes before 2-3 (0.4).
+    graph = _graph([1, 2, 1], [2, 3, 3], [0.95, 0.4, None], [None, None, 0.1])
+    table = agglomerate(graph, np.array([1, 2, 3, 4], np.uint64), np.ones(4), mode="mws")
+    assert table.segments.tolist() == [1, 1, 2, 3]  # 4 has no edge: its own segment
+    table = agglomerate(graph, np.array([1, 2, 3, 4], np.uint64), np.ones(4), mode="mean", threshold=0.3)
+    assert table.segments.tolist() == [1, 1, 1, 2]  # mean mode ignores long-range evidence
+    table = agglomerate(graph, np.array([1, 2, 3, 4], np.uint64), np.array([5, 5, 3, 1]), mode="mws", min_size=3)
+    assert table.segments.tolist() == [1, 1, 2, 0]  # segment {4} (1 voxel) dropped
+
+
+def test_graph_mutex_watershed_agrees_with_mwatershed():
+    mwatershed = pytest.importorskip("mwatershed")
+    rng = np.random.default_rng(0)
+    n = 60
+    u, v = rng.integers(0, n, 400), rng.integers(0, n, 400)
+    keep = u < v
+    pairs = np.unique(np.stack([u[keep], v[keep]], 1), axis=0)
+    attractive = [a if rng.random() < 0.7 else None for a in rng.random(len(pairs))]
+    long_range = [a if rng.random() < 0.5 else None for a in rng.random(len(pairs))]
+    graph = _graph(pairs[:, 0], pairs[:, 1], attractive, long_range)
+    nodes = np.arange(n, dtype=np.uint64)
+    ours = graph_mutex_watershed(graph, nodes)
+    edges = [(a, int(p), int(q)) for (p, q), a in zip(pairs, attractive) if a is not None]
+    edges += [(-(1.0 - a), int(p), int(q)) for (p, q), a in zip(pairs, long_range) if a is not None]
+    reference = dict(mwatershed.cluster_edges(edges))
+    theirs = np.array([reference.get(i, -1 - i) for i in range(n)])
+    assert same_partition(ours, theirs)
+    assert 1 < len(np.unique(ours)) < n
+
+
+def test_lookup_and_relabel_with_fill():
+    table = LookupTable(np.array([3, 8, 9], np.uint64), np.array([1, 0, 2], np.uint64))
+    fragments = np.array([[[3, 3, 0, 8, 9, 9]]], dtype=np.uint64)
+    inner = (slice(0, 1), slice(0, 1), slice(1, 5))
+    assert relabel_block(fragments, table, inner, fill=False).tolist() == [[[1, 0, 0, 2]]]
+    filled = relabel_block(fragments, table, inner, fill=True)
+    assert 0 not in filled and filled[0, 0, 0] == 1 and filled[0, 0, 3] == 2
+
+
+@pytest.mark.parametrize("mode", ["mws", "watershed"])
+@pytest.mark.parametrize("block", [(16, 48, 48), (8, 16, 16)])
+def test_perfect_affinities_give_the_labels(blockwise_cfg, mode, block):
+    labels = voronoi_labels()
+    affinities = affinities_from_labels(labels, blockwise_cfg.INFERENCE.OFFSETS)
+    cfg = blockwise_cfg.clone()
+    cfg.INFERENCE.MIN_SEGMENT_SIZE = 0  # the labels hold a one-voxel object
+    options = build_options(cfg, block_shape=block, fragments=mode)
+    segmentation, table = segment_affinities(affinities, options)
+    assert segmentation.dtype == np.uint64 and segmentation.shape == labels.shape
+    assert same_partition(segmentation, labels)
+    assert table.num_segments == len(np.unique(labels))
+
+
+def test_blockwise_close_to_whole_volume_mws_and_deterministic(blockwise_cfg):
+    labels = voronoi_labels()
+    offsets = blockwise_cfg.INFERENCE.OFFSETS
+    affinities = noisy_affinities(labels, offsets, noise=0.1)
+    whole = postprocess_segmentation(mutex_watershed(affinities, offsets), min_size=10)
+    result = evaluate_segmentation(whole, labels, top_k=0)
+    reference = result.vi_split + result.vi_merge
+    scores = {}
+    for block in [(16, 48, 48), (8, 16, 16), (8, 32, 16)]:
+        options = build_options(blockwise_cfg, block_shape=block)
+        segmentation, _ = segment_affinities(affinities, options)
+        again, _ = segment_affinities(affinities, options)
+        np.testing.assert_array_equal(segmentation, again)
+        result = evaluate_segmentation(segmentation, labels, top_k=0)
+        scores[block] = result.vi_split + result.vi_merge
+    assert reference < 0.6 and max(scores.values()) < reference + 0.2, (reference, scores)
+    assert max(scores.values()) - min(scores.values()) < 0.15, scores
+
+
+def test_options_validation(blockwise_cfg):
+    with pytest.raises(ConfigError, match="not a multiple of the output chunks"):
+        build_options(blockwise_cfg, block_shape=(8, 20, 16))
+    cfg = blockwise_cfg.clone()
+    cfg.BLOCKWISE.HALO = [1, 1, 1]
+    with pytest.raises(ConfigError, match="BLOCKWISE.HALO"):
+        build_options(cfg)
+    cfg = blockwise_cfg.clone()
+    cfg.BLOCKWISE.FRAGMENTS = "slic"
+    with pytest.raises(ConfigError, match="BLOCKWISE.FRAGMENTS: 'slic'"):
+        build_options(cfg)
+    options = build_options(blockwise_cfg)
+    assert options.reach == (2, 5, 5) and options.halo == (4, 10, 10) and options.num_attractive == 3
+
+
+def test_block_fragments_crop_and_renumber(blockwise_cfg):
+    labels = voronoi_labels((8, 16, 16), seeds=6)
+    offsets = blockwise_cfg.INFERENCE.OFFSETS
+    affinities = affinities_from_labels(labels, offsets)
+    inner = (slice(2, 6), slice(4, 12), slice(0, 16))
+    fragments = block_fragments(affinities, offsets, inner, mode="mws")
+    assert fragments.shape == (4, 8, 16)
+    assert np.array_equal(np.unique(fragments), np.arange(1, fragments.max() + 1))
+    assert same_partition(fragments, labels[inner])
