@@ -26,10 +26,10 @@ demo: $(STAMP)
 	$(PY) -m melecole.demo --config $(DEMO_CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --durations=15 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto -m "not slow" tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check melecole tests bench *.py
