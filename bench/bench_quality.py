@@ -4,10 +4,11 @@ Trains a config for ``--iterations`` (or until ``--minutes`` of training time ha
 every evaluation point) and, every ``--eval-every`` iterations, runs the full inference pipeline
 (``melecole.inference.run_inference``: sliding windows -> affinities -> mutex watershed ->
 post-processing) on the val split and scores it (VI split / merge in bits, adapted Rand error).
-Evaluation time is not counted as training time. The baseline is model-free and oracle-tuned: the
-gaussian-smoothed raw, thresholded at the best of several levels chosen on the val volume itself,
-connected components (melecole.evaluation.connected_components_baseline), best of with / without the
-pipeline's small-segment removal and background filling.
+Only the split's first volume is scored; evaluation time is not counted as training time. The
+baseline is model-free and oracle-tuned: the gaussian-smoothed raw, thresholded at the best of
+several levels chosen on the val volume itself, connected components
+(melecole.evaluation.connected_components_baseline), best of with / without the pipeline's
+small-segment removal and background filling.
 
     python bench/bench_quality.py --config configs/medulla-UNet3D.yaml --out /tmp/q/medulla \
         --iterations 3000 --eval-every 500 [KEY VALUE ...]
@@ -29,6 +30,7 @@ import shlex
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 from scipy import ndimage
 
@@ -88,7 +90,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path, split: str) -> dict:
     scores = dict(results[0].scores["segmentation"])
     scores["vi_total"] = scores["vi_split"] + scores["vi_merge"]
     scores["infer_s"] = time.perf_counter() - start
-    with __import__("h5py").File(results[0].segmentation, "r") as handle:
+    with h5py.File(results[0].segmentation, "r") as handle:
         scores["n_seg"] = int(handle["segmentation"].attrs["num_segments"])
     return scores
 
