@@ -25,6 +25,7 @@ With ``--minutes``, OPTIM.TOTAL_ITER still sets the learning-rate schedule: choo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import time
@@ -39,7 +40,7 @@ from melecole.data import build_train_loader
 from melecole.data.volume import list_volumes, read_volume
 from melecole.demo import ensure_synthetic_data
 from melecole.engine.trainer import Trainer
-from melecole.evaluation import connected_components_baseline, evaluate_segmentation
+from melecole.evaluation import best_threshold_baseline
 from melecole.inference import run_inference
 from melecole.inference.postprocess import postprocess_segmentation
 
@@ -59,27 +60,23 @@ def val_volume(cfg, split: str):
 
 def oracle_baseline(volume, cfg) -> dict[str, dict]:
     """Best (lowest VI total) CC segmentation of the smoothed raw over sigmas x thresholds, without
-    and with the pipeline's post-processing (INFERENCE.MIN_SEGMENT_SIZE, background filled).
+    and with the pipeline's post-processing (INFERENCE.MIN_SEGMENT_SIZE, background filled), through
+    the library's one baseline (:func:`melecole.evaluation.best_threshold_baseline`).
 
     Thresholds are quantiles of the smoothed raw; the brighter side is foreground (membranes are dark).
     """
-    padding = volume.padding
-    raw = volume.raw[tuple(slice(p, p + s) for p, s in zip(padding, volume.shape))].astype(np.float32)
+    raw = volume.raw[volume.label_region].astype(np.float32)
+    fill = functools.partial(postprocess_segmentation, min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=True)
     best: dict[str, dict] = {}
     for sigma in BASELINE_SIGMAS:
         smooth = ndimage.gaussian_filter(raw, sigma)
-        for quantile in BASELINE_QUANTILES:
-            threshold = float(np.quantile(smooth, quantile))
-            segmentation = connected_components_baseline(smooth / 255.0, threshold / 255.0)
-            for name in ("CC", "CC + fill"):
-                if name == "CC + fill":
-                    segmentation = postprocess_segmentation(
-                        segmentation, min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=True
-                    )
-                scores = evaluate_segmentation(segmentation, volume.labels, top_k=0).to_dict()
-                scores.update(sigma=sigma, quantile=quantile)
-                if name not in best or scores["vi_total"] < best[name]["vi_total"]:
-                    best[name] = scores
+        thresholds = [float(np.quantile(smooth, quantile)) for quantile in BASELINE_QUANTILES]
+        for name, postprocess in (("CC", None), ("CC + fill", fill)):
+            result = best_threshold_baseline(smooth, volume.labels, thresholds, postprocess=postprocess)
+            scores = result.scores.to_dict()
+            scores.update(sigma=sigma, quantile=BASELINE_QUANTILES[thresholds.index(result.threshold)])
+            if name not in best or scores["vi_total"] < best[name]["vi_total"]:
+                best[name] = scores
     return best
 
 
