@@ -34,6 +34,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from melecole.data.synthetic import box_volume
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("affinities", "membranes", "segmentation")
 TINY = {
@@ -74,19 +76,11 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _box_volume(path: Path, shape: tuple[int, int, int], seed: int) -> None:
-    """Boxes of distinct ids separated by 1-voxel boundaries; raw bright inside, dark on boundaries."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros(shape, np.uint32)
-    next_id = 1
-    for z in range(0, shape[0], 6):
-        for y in range(0, shape[1], 8):
-            for x in range(0, shape[2], 8):
-                ids[z : z + 6, y + 1 : y + 8, x + 1 : x + 8] = next_id
-                next_id += 1
-    raw = np.where(ids > 0, 180, 40).astype(np.uint8) + rng.integers(0, 30, shape, dtype=np.uint8)
+    """A tiny labelled HDF5 volume (:func:`melecole.data.synthetic.box_volume`)."""
+    raw, labels = box_volume(shape, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as handle:
-        handle["volume"], handle["labels"] = raw, ids
+        handle["volume"], handle["labels"] = raw, labels
 
 
 def _kill_at(args: list[str], delay: float, sig: int) -> tuple[int, bool]:

@@ -24,16 +24,13 @@ def write_box_volume(
     import h5py
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    ids = np.zeros(shape, np.uint32)
-    next_id = 1
-    for z in range(0, shape[0], 6):
-        for y in range(0, shape[1], 8):
-            for x in range(0, shape[2], 8):
-                ids[z : z + 6, y + 1 : y + 8, x + 1 : x + 8] = next_id
-                next_id += 1
-    raw = np.where(ids > 0, 180, 40).astype(np.uint8) + rng.integers(0, 30, shape, dtype=np.uint8)
+    from melecole.data.synthetic import box_volume
+
+    raw, ids = box_volume(shape, seed)
     if raw_shape is not None:
+        # the generator's RNG continues after the box raw's noise, as it always did
+        rng = np.random.default_rng(seed)
+        rng.integers(0, 30, shape, dtype=np.uint8)
         raw = rng.integers(0, 255, raw_shape, dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as handle:
