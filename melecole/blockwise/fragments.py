@@ -7,17 +7,27 @@ unique ids come from :func:`global_fragment_ids` (block index x voxels per block
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import fastremap
 import numpy as np
 from scipy import ndimage
 
+from melecole.inference.affinities import offset_slices
 from melecole.inference.mws import mutex_watershed, number_of_attractive_channels
 
 __all__ = ["block_fragments", "mws_fragments", "watershed_fragments", "boundary_height", "global_fragment_ids"]
 
 Offsets = Sequence[Sequence[int]]
+
+
+def _attractive_pairs(offsets: Offsets, shape: Sequence[int]) -> Iterator[tuple[int, tuple, tuple]]:
+    """(channel, source, target) slices of every valid pair (p, p + o) of the nearest-neighbour
+    channels (:func:`melecole.inference.affinities.offset_slices`)."""
+    for channel in range(number_of_attractive_channels(offsets)):
+        slices = offset_slices(shape, offsets[channel])
+        if slices is not None:
+            yield (channel, *slices)
 
 
 def boundary_height(affinities: np.ndarray, offsets: Offsets, reduce: str = "mean") -> np.ndarray:
@@ -34,21 +44,15 @@ def boundary_height(affinities: np.ndarray, offsets: Offsets, reduce: str = "mea
     shape = affinities.shape[1:]
     if reduce == "min":
         lowest = np.ones(shape, dtype=np.float32)
-        for channel in range(number_of_attractive_channels(offsets)):
-            offset = [int(v) for v in offsets[channel]]
-            source = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, shape))
-            target = tuple(slice(s.start + o, s.stop + o) for s, o in zip(source, offset))
+        for channel, source, target in _attractive_pairs(offsets, shape):
             values = affinities[channel][source]
             np.minimum(lowest[source], values, out=lowest[source])
             np.minimum(lowest[target], values, out=lowest[target])
         return np.subtract(1.0, lowest, out=lowest)
     total = np.zeros(shape, dtype=np.float32)
     count = np.zeros(shape, dtype=np.float32)
-    for channel in range(number_of_attractive_channels(offsets)):
-        offset = [int(v) for v in offsets[channel]]
+    for channel, source, target in _attractive_pairs(offsets, shape):
         # Pair (p, p + o): valid where p + o lies inside; the value counts for both voxels.
-        source = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(offset, shape))
-        target = tuple(slice(s.start + o, s.stop + o) for s, o in zip(source, offset))
         values = affinities[channel][source]
         total[source] += values
         total[target] += values
