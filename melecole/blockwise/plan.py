@@ -14,6 +14,7 @@ from yacs.config import CfgNode as CN
 
 from melecole.errors import ConfigError
 from melecole.inference.mws import number_of_attractive_channels
+from melecole.inference.options import offset_reach
 from melecole.io.volumes import iter_blocks
 
 __all__ = ["BlockwiseOptions", "BlockPlan", "build_options", "check_blockwise_config", "FRAGMENT_MODES"]
@@ -63,7 +64,7 @@ class BlockwiseOptions:
     @property
     def reach(self) -> Triple:
         """Largest |offset| per axis: the context the region graph needs around a block."""
-        return tuple(max(abs(o[axis]) for o in self.offsets) for axis in range(3))  # type: ignore[return-value]
+        return offset_reach(self.offsets)
 
     @property
     def num_attractive(self) -> int:
@@ -118,7 +119,7 @@ def build_options(
         number_of_attractive_channels(offsets)
     except ValueError as error:
         raise ConfigError(f"INFERENCE.OFFSETS: {error}") from None
-    reach = tuple(max(abs(o[axis]) for o in offsets) for axis in range(3))
+    reach = offset_reach(offsets)
     block = _triple(block_shape if block_shape is not None else group.BLOCK_SHAPE, "--block")
     chunks = _triple(group.OUTPUT_CHUNKS, "BLOCKWISE.OUTPUT_CHUNKS")
     if min(block) < 1:
