@@ -47,7 +47,7 @@ from melecole.inference.postprocess import postprocess_segmentation
 BASELINE_SIGMAS = (1.0, 2.0)
 BASELINE_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5)
 HEADER = (
-    f"{'iteration':>9} {'train min':>9} {'it/s':>6} {'pull':>6} {'push':>6} {'reg':>6} "
+    f"{'iteration':>9} {'train min':>9} {'it/s':>6} {'pull':>6} {'push':>6} {'reg':>6} {'aff':>6} "
     f"{'VI split':>8} {'VI merge':>8} {'VI total':>8} {'ARAND':>6} {'#seg':>6} {'infer s':>7}"
 )
 
@@ -95,7 +95,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path, split: str) -> dict:
 def format_row(row: dict) -> str:
     return (
         f"{row['iteration']:>9} {row['train_min']:>9.1f} {row['its']:>6.2f} {row['pull']:>6.3f} {row['push']:>6.3f} "
-        f"{row['reg']:>6.2f} {row['vi_split']:>8.3f} {row['vi_merge']:>8.3f} {row['vi_total']:>8.3f} "
+        f"{row['reg']:>6.2f} {row['aff']:>6.3f} {row['vi_split']:>8.3f} {row['vi_merge']:>8.3f} {row['vi_total']:>8.3f} "
         f"{row['arand']:>6.3f} {row['n_seg']:>6} {row['infer_s']:>7.0f}"
     )
 
@@ -109,20 +109,18 @@ def learning_curve(cfg, args, out: Path) -> list[dict]:
     while trainer.iteration < total:
         target = min(total, trainer.iteration + args.eval_every)
         start_iteration, start = trainer.iteration, time.perf_counter()
-        history_start = len(trainer.history)
-        trainer.train(stop_at=target)
+        recent = trainer.train(stop_at=target, keep_history=True)
         seconds = time.perf_counter() - start
         train_seconds += seconds
         # train() re-iterates the loader from its start index: continue the patch stream instead.
         trainer.train_loader = build_train_loader(cfg, start_iteration=trainer.iteration)
         checkpoint = trainer.save_checkpoint(final=trainer.iteration == cfg.OPTIM.TOTAL_ITER)
-        recent = trainer.history[history_start:]
         row = {
             "iteration": trainer.iteration,
             "train_min": train_seconds / 60.0,
             "its": (trainer.iteration - start_iteration) / max(seconds, 1e-9),
-            **{key: float(np.mean([h[name] for h in recent])) for key, name in
-               (("pull", "pull"), ("push", "push"), ("reg", "regularizer"))},
+            **{key: float(np.mean([h.get(name, np.nan) for h in recent])) for key, name in
+               (("pull", "pull"), ("push", "push"), ("reg", "regularizer"), ("aff", "affinity"))},
         }
         row.update(evaluate_checkpoint(cfg, checkpoint, out / "eval", args.split))
         rows.append(row)

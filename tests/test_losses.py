@@ -221,3 +221,85 @@ def test_build_criterion_reads_loss_keys() -> None:
     assert criterion.foreground_weight == cfg.LOSS.FOREGROUND_WEIGHT
     with pytest.raises(ValueError, match="l1, l2"):
         MetricLoss(norm="cosine")
+
+
+OFFSETS = [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, -2, 0), (0, 0, 3), (1, -2, 2)]
+
+
+def naive_affinity_term(embedding: torch.Tensor, labels: torch.Tensor, offsets, norm: str) -> float:
+    """Pair-by-pair loop: 0.5 * (mean (1 - a)^2 over same-id pairs + mean a^2 over different-id)."""
+    same, different = [], []
+    batch, _, depth, height, width = embedding.shape
+    for b in range(batch):
+        for z, y, x in torch.cartesian_prod(torch.arange(depth), torch.arange(height), torch.arange(width)).tolist():
+            for dz, dy, dx in offsets:
+                q = (z + dz, y + dy, x + dx)
+                if not all(0 <= v < s for v, s in zip(q, (depth, height, width))):
+                    continue
+                first, second = int(labels[b, z, y, x]), int(labels[(b,) + q])
+                if first == 0 or second == 0:
+                    continue
+                difference = embedding[b, :, z, y, x] - embedding[(b, slice(None)) + q]
+                distance = difference.abs().sum() if norm == "l1" else difference.norm()
+                affinity = max(0.0, 1.0 - float(distance) / (2 * DELTA_D)) ** 2
+                (same if first == second else different).append(affinity)
+    terms = []
+    if same:
+        terms.append(sum((1 - a) ** 2 for a in same) / len(same))
+    if different:
+        terms.append(sum(a**2 for a in different) / len(different))
+    return 0.5 * sum(terms)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_affinity_term_matches_pair_loop(norm) -> None:
+    from melecole.losses.metric import affinity_loss_term
+
+    generator = torch.Generator().manual_seed(3)
+    labels = mixed_batch(generator)
+    embedding = torch.randn(4, 3, 3, 6, 7, generator=generator, dtype=torch.float64)
+    value = affinity_loss_term(embedding, labels, OFFSETS, DELTA_D, norm)
+    expected = naive_affinity_term(embedding, labels, OFFSETS, norm)
+    assert expected > 0.05
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_affinity_term_uses_the_inference_affinities() -> None:
+    """The loss drives exactly the numbers inference reads: its per-pair affinity is the one of
+    melecole.inference.affinities.embeddings_to_affinities."""
+    from melecole.inference.affinities import embeddings_to_affinities
+    from melecole.losses.metric import affinity_loss_term
+
+    generator = torch.Generator().manual_seed(5)
+    embedding = torch.randn(1, 4, 3, 5, 5, generator=generator)
+    labels = torch.ones(1, 3, 5, 5, dtype=torch.int64)  # one object: every pair is "same"
+    offsets = [(0, 0, -1)]
+    affinities = embeddings_to_affinities(embedding[0], offsets, DELTA_D)[0, :, :, 1:]
+    expected = 0.5 * (1 - affinities).pow(2).mean().item()
+    assert affinity_loss_term(embedding, labels, offsets, DELTA_D).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_affinity_weight_adds_the_term_and_separates_boundaries() -> None:
+    labels = block_labels()
+    outputs = perfect_outputs(labels)
+    criterion = MetricLoss(DELTA_V, DELTA_D, gamma=0.0, affinity_weight=2.0, offsets=OFFSETS)
+    _, terms = criterion(outputs, labels)
+    assert terms["affinity"].item() < 1e-8  # perfect embeddings: a = 1 inside, 0 across
+    generator = torch.Generator().manual_seed(1)
+    embedding = torch.randn(2, 4, 2, 6, 6, generator=generator, requires_grad=True)
+    plain = MetricLoss(DELTA_V, DELTA_D, gamma=0.0)({"embedding": embedding, "foreground": outputs["foreground"]}, labels)
+    total, terms = criterion({"embedding": embedding, "foreground": outputs["foreground"]}, labels)
+    assert terms["affinity"].item() > 0.01
+    assert total.item() == pytest.approx(plain[0].item() + 2.0 * terms["affinity"].item(), rel=1e-6)
+    assert plain[1]["affinity"].item() == 0.0
+    total.backward()
+    assert torch.isfinite(embedding.grad).all() and embedding.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="INFERENCE.OFFSETS"):
+        MetricLoss(affinity_weight=1.0)
+
+
+def test_build_criterion_passes_affinity_weight_and_offsets() -> None:
+    cfg = load_cfg(opts=["LOSS.AFFINITY_WEIGHT", "0.5"])
+    criterion = build_criterion(cfg)
+    assert criterion.affinity_weight == 0.5
+    assert criterion.offsets == [tuple(offset) for offset in cfg.INFERENCE.OFFSETS]

@@ -5,11 +5,20 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from yacs.config import CfgNode as CN
 
 from melecole.blockwise.plan import build_options
-from melecole.blockwise.runner import PassSummary, segment_blockwise, work_folder
+from melecole.blockwise.runner import (
+    PassSummary,
+    check_output,
+    dask_executor,
+    report_dashboard,
+    run_pass,
+    segment_blockwise,
+    work_folder,
+)
 from melecole.errors import ConfigError
 from melecole.io.volumes import parse_volume_url
 
@@ -33,14 +42,19 @@ def add_blockwise_arguments(parser: argparse.ArgumentParser, *, overwrite: bool 
         add("--overwrite", action="store_true", help="replace an existing output / interrupted run")
 
 
+def _workers(cfg: CN, args: argparse.Namespace) -> int:
+    workers = args.workers if args.workers is not None else int(cfg.BLOCKWISE.WORKERS)
+    if workers < 1:
+        raise ConfigError(f"--workers: {workers}, expected >= 1")
+    return workers
+
+
 def run_from_args(
     cfg: CN, args: argparse.Namespace, affinities_url: str, output_url: str, *, foreground_url: str | None = None
 ) -> list[PassSummary]:
     """Runs a blockwise segmentation for the flags of :func:`add_blockwise_arguments`."""
     options = build_options(cfg, block_shape=args.block, fragments=args.fragments)
-    workers = args.workers if args.workers is not None else int(cfg.BLOCKWISE.WORKERS)
-    if workers < 1:
-        raise ConfigError(f"--workers: {workers}, expected >= 1")
+    workers = _workers(cfg, args)
     return segment_blockwise(
         affinities_url,
         output_url,
@@ -61,30 +75,39 @@ def _prediction_folder(output_url: str) -> Path:
     return folder.parent / (folder.name[: -len(".blockwise")] + ".predicted")
 
 
-def infer_blockwise(cfg: CN, args: argparse.Namespace) -> list[PassSummary]:
-    """``infer.py --blockwise``: chunked affinity prediction (bounded memory, in this process), then the
-    blockwise segmentation of those affinities on dask. Predictions are kept beside the output until
-    the segmentation is committed, so ``--resume`` skips a finished prediction.
+def infer_blockwise(cfg: CN, args: argparse.Namespace, report: Callable[[str], None] = print) -> list[PassSummary]:
+    """``infer.py --blockwise``: one dask run of chunked affinity prediction (a pass of block tasks,
+    :mod:`melecole.blockwise.predict`) and the blockwise segmentation of those affinities.
+
+    Everything is checked before the cluster starts. The predictions stay beside the output until
+    the segmentation is committed, so ``--resume`` skips the blocks already predicted.
     """
-    # The one import of chunked prediction in melecole.blockwise (it pulls in torch).
-    from melecole.inference.chunked import predict_affinities_to_store
-    from melecole.inference.options import build_predict_options
+    from melecole.blockwise.predict import (
+        PREDICT_PASS,
+        default_threads,
+        plan_prediction,
+        predict_task,
+        prepare_prediction,
+    )
 
     if not args.input or not args.output:
         raise ConfigError("--blockwise needs --input URL (raw) and --output URL (zarr segmentation)")
-    build_options(cfg, block_shape=args.block, fragments=args.fragments)  # fail on bad options before predicting
+    options = build_options(cfg, block_shape=args.block, fragments=args.fragments)
+    workers = _workers(cfg, args)
+    if check_output(args.output, resume=args.resume, overwrite=args.overwrite):
+        report(f"--output '{args.output}': already complete, nothing to resume")
+        return []
+    threads = 0 if args.scheduler else default_threads(workers)
+    raw_key = args.raw_key or cfg.DATASET.RAW_KEY
     folder = _prediction_folder(args.output)
-    affinities, foreground = f"{folder / 'affinities.zarr'}", f"{folder / 'foreground.zarr'}"
-    if not (args.resume and (folder / "complete").is_file()):
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        summary = predict_affinities_to_store(
-            build_predict_options(cfg), args.checkpoint, args.input, affinities, cfg=cfg, membranes_url=foreground,
-            raw_key=args.raw_key or cfg.DATASET.RAW_KEY, output_dtype="uint8", progress=cfg.LOG.PROGRESS_BAR,
+    job = plan_prediction(cfg, args.checkpoint, args.input, raw_key, folder, threads, args.chunk, args.halo)
+    with dask_executor(workers, args.scheduler, args.scheduler_timeout) as executor:
+        report_dashboard(executor, report)
+        prepare_prediction(job, resume=args.resume)
+        summaries = [run_pass(job, PREDICT_PASS, predict_task, executor, cfg.LOG.PROGRESS_BAR, report)]
+        summaries += segment_blockwise(
+            job.affinities_url, args.output, options, foreground_url=job.foreground_url, resume=args.resume,
+            overwrite=args.overwrite, progress=cfg.LOG.PROGRESS_BAR, executor=executor, report=report,
         )
-        (folder / "complete").write_text("done\n")
-        print(f"affinities: {summary.chunks} blocks in {summary.seconds:.1f} s")
-    summaries = run_from_args(cfg, args, affinities, args.output, foreground_url=foreground)
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(job.path, ignore_errors=True)
     return summaries

@@ -42,6 +42,9 @@ __all__ = [
     "dask_executor",
     "PassSummary",
     "run_job",
+    "run_pass",
+    "check_output",
+    "report_dashboard",
     "plan_job",
     "segment_blockwise",
     "work_folder",
@@ -140,10 +143,12 @@ class PassSummary:
         return f"{self.name}: {self.blocks} blocks in {self.seconds:.1f} s, {rate:.2f} Mvoxel/s{skipped}"
 
 
-def _run_pass(
-    job: BlockwiseJob, name: str, task: Callable[[BlockwiseJob, int], Any], executor: Any, progress: Any,
+def run_pass(
+    job: Any, name: str, task: Callable[[Any, int], Any], executor: Any, progress: Any,
     report: Callable[[str], None],
 ) -> PassSummary:
+    """Runs ``task(job, i)`` for every block i not marked done (``job.plan``, ``job.path``: a
+    :class:`BlockwiseJob` or a :class:`melecole.blockwise.predict.PredictionJob`)."""
     total = job.plan.num_blocks if name != "agglomerate" else 1
     todo = [index for index in range(total) if not is_done(job, name, index)]
     skipped = total - len(todo)
@@ -175,7 +180,7 @@ def run_job(
 ) -> list[PassSummary]:
     """Runs every pass of ``job`` (skipping blocks already marked done) on ``executor``."""
     prepare_workdir(job)
-    return [_run_pass(job, name, task, executor, progress, report) for name, task in PASSES]
+    return [run_pass(job, name, task, executor, progress, report) for name, task in PASSES]
 
 
 # ------------------------------------------------------------------------------- inputs / output
@@ -225,6 +230,36 @@ def _parse_output(output_url: str) -> VolumeURL:
     return parsed
 
 
+def check_output(output_url: str, *, resume: bool = False, overwrite: bool = False) -> bool:
+    """Checks the output flags against what exists; True when ``resume`` finds the output complete.
+
+    Raises:
+        ConfigError: both flags, or an output URL that is not zarr.
+        DataError: an existing output or interrupted run without ``resume`` / ``overwrite``.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: give one of them")
+    output = _parse_output(output_url)
+    final, workdir = _final_path(output), work_folder(output)
+    manifest = read_manifest(workdir)
+    if overwrite:
+        return False
+    if final.exists() and manifest is None:
+        if resume:
+            return True
+        raise DataError(f"--output '{output_url}': already exists, expected --resume or --overwrite to replace it")
+    if manifest is not None and not resume:
+        raise DataError(f"{workdir}: an interrupted run of this output, expected --resume to finish it or --overwrite")
+    return False
+
+
+def report_dashboard(executor: Any, report: Callable[[str], None]) -> None:
+    """Prints the dask dashboard address when the executor has one."""
+    if executor.dashboard:
+        hint = "" if importlib.util.find_spec("bokeh") else " (pip install bokeh for its plots)"
+        report(f"dask dashboard: {executor.dashboard}{hint}")
+
+
 def plan_job(
     affinities_url: str,
     output_url: str,
@@ -243,22 +278,14 @@ def plan_job(
         DataError / ConfigError: missing or mismatched inputs, an existing output or interrupted run
             without ``resume`` / ``overwrite``, or a resume with different inputs or options.
     """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite: give one of them")
     output = _parse_output(output_url)
     shape, resolution = _check_inputs(affinities_url, foreground_url, options.offsets)
     final, workdir = _final_path(output), work_folder(output)
+    if check_output(output_url, resume=resume, overwrite=overwrite):
+        return None, final
     manifest = read_manifest(workdir)
     if overwrite and workdir.exists():
         shutil.rmtree(workdir)
-    elif final.exists() and not overwrite and manifest is None:
-        if resume:
-            return None, final
-        raise DataError(f"--output '{output_url}': already exists, expected --resume or --overwrite to replace it")
-    elif manifest is not None and not resume:
-        raise DataError(
-            f"{workdir}: an interrupted run of this output, expected --resume to finish it or --overwrite"
-        )
     job = BlockwiseJob(
         affinities_url, foreground_url, str(workdir), shape, options, resolution  # type: ignore[arg-type]
     )
@@ -344,9 +371,7 @@ def segment_blockwise(
     with contextlib.ExitStack() as stack:
         if executor is None:
             executor = stack.enter_context(dask_executor(workers, scheduler, scheduler_timeout))
-        if executor.dashboard:
-            hint = "" if importlib.util.find_spec("bokeh") else " (pip install bokeh for its plots)"
-            report(f"dask dashboard: {executor.dashboard}{hint}")
+            report_dashboard(executor, report)
         summaries = run_job(job, executor, progress=progress, report=report)
     _commit(job, _parse_output(output_url), final)
     report(f"segmentation: {final}")

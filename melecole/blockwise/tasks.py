@@ -38,6 +38,9 @@ __all__ = [
     "BlockwiseJob",
     "prepare_workdir",
     "is_done",
+    "mark_done",
+    "atomic_write_bytes",
+    "read_manifest",
     "fragments_task",
     "graph_task",
     "agglomerate_task",
@@ -92,7 +95,7 @@ class BlockwiseJob:
 # ---------------------------------------------------------------------------------- bookkeeping
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     temporary.write_bytes(data)
     os.replace(temporary, path)
@@ -107,8 +110,8 @@ def is_done(job: BlockwiseJob, name: str, index: int) -> bool:
     return _marker(job, name, index).is_file()
 
 
-def _mark_done(job: BlockwiseJob, name: str, index: int) -> None:
-    _atomic_write_bytes(_marker(job, name, index), b"done\n")
+def mark_done(job: BlockwiseJob, name: str, index: int) -> None:
+    atomic_write_bytes(_marker(job, name, index), b"done\n")
 
 
 def prepare_workdir(job: BlockwiseJob) -> None:
@@ -133,7 +136,7 @@ def prepare_workdir(job: BlockwiseJob) -> None:
             )
     manifest = job.path / "manifest.json"
     if not manifest.is_file():
-        _atomic_write_bytes(manifest, json.dumps(job.manifest(), indent=1).encode())
+        atomic_write_bytes(manifest, json.dumps(job.manifest(), indent=1).encode())
 
 
 def read_manifest(workdir: str | os.PathLike) -> dict[str, Any] | None:
@@ -169,7 +172,7 @@ def fragments_task(job: BlockwiseJob, index: int) -> int:
     affinities, foreground = _read_inputs(job, outer)
     fragments = fragments_of_block(affinities, foreground, inner, index, plan, job.options)
     _open_array(job.path / "fragments.zarr")[plan.box(index)] = fragments
-    _mark_done(job, "fragments", index)
+    mark_done(job, "fragments", index)
     return int(fragments.size)
 
 
@@ -184,7 +187,7 @@ def graph_task(job: BlockwiseJob, index: int) -> int:
     temporary = path.parent / f".{index}.tmp-{uuid.uuid4().hex[:8]}.npz"
     graph.save(temporary, ids=ids, sizes=sizes)
     os.replace(temporary, path)
-    _mark_done(job, "graph", index)
+    mark_done(job, "graph", index)
     return int(np.prod([s.stop - s.start for s in plan.box(index)]))
 
 
@@ -211,7 +214,7 @@ def agglomerate_task(job: BlockwiseJob, index: int = 0) -> dict[str, int]:
     temporary = job.path / f".lookup.tmp-{uuid.uuid4().hex[:8]}.npz"
     table.save(temporary)
     os.replace(temporary, job.path / "lookup.npz")
-    _mark_done(job, "agglomerate", index)
+    mark_done(job, "agglomerate", index)
     return {"fragments": len(table.fragments), "edges": len(graph), "segments": table.num_segments}
 
 
@@ -230,5 +233,5 @@ def relabel_task(job: BlockwiseJob, index: int) -> int:
     fragments = np.asarray(_open_array(job.path / "fragments.zarr")[outer])
     labels = relabel_block(fragments, table, inner, fill=fill)
     _open_array(job.output_path)[plan.box(index)] = labels
-    _mark_done(job, "relabel", index)
+    mark_done(job, "relabel", index)
     return int(labels.size)

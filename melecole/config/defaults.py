@@ -117,6 +117,10 @@ _C.LOSS.ALPHA = 1.0  # pull weight
 _C.LOSS.BETA = 1.0  # push weight
 _C.LOSS.GAMMA = 0.001  # weight of the regulariser on mean norms
 _C.LOSS.FOREGROUND_WEIGHT = 1.0  # weight of BCE(foreground head, label != 0)
+# Weight of the affinity term (melecole.losses.metric.affinity_loss_term): the embedding affinities
+# of INFERENCE.OFFSETS, the ones the watershed reads, pushed to 1 (same id) / 0 (different ids),
+# class-balanced. 0 = the plain discriminative loss.
+_C.LOSS.AFFINITY_WEIGHT = 0.0
 
 # --------------------------------------------------------------------------------------------------
 # Optimisation (iteration based)

@@ -17,6 +17,8 @@ from typing import Literal, Sequence, Union
 import numpy as np
 import torch
 
+from melecole.utils.offsets import offset_slices
+
 __all__ = [
     "INVALID_AFFINITY",
     "embeddings_to_affinities",
@@ -31,22 +33,6 @@ INVALID_AFFINITY = 0.0
 Offsets = Sequence[Sequence[int]]
 Norm = Literal["l1", "l2"]
 ArrayLike = Union[np.ndarray, torch.Tensor]
-
-
-def offset_slices(shape: Sequence[int], offset: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
-    """Slices ``(source, target)`` selecting every valid pair ``(p, p + offset)`` of a grid.
-
-    ``array[source]`` are the voxels p whose partner ``p + offset`` is inside, ``array[target]``
-    the partners, element by element. None if no pair is valid (|offset| >= size on some axis).
-    """
-    source, target = [], []
-    for size, step in zip(shape, offset):
-        step = int(step)
-        if abs(step) >= size:
-            return None
-        source.append(slice(max(0, -step), size - max(0, step)))
-        target.append(slice(max(0, step), size - max(0, -step)))
-    return tuple(source), tuple(target)
 
 
 def offset_valid_mask(shape: Sequence[int], offsets: Offsets) -> np.ndarray:

@@ -44,6 +44,9 @@ from melecole.utils.progress import progress_bar
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "read_padded_block",
+    "storage_chunks_for",
+    "store_geometry",
     "ChunkedPrediction",
     "Predictor",
     "exact_halo",
@@ -93,7 +96,7 @@ def exact_halo(window: Sequence[int], stride: Sequence[int]) -> list[int]:
     return [math.ceil(w / s) * s for w, s in zip(window, stride)]
 
 
-def _storage_chunks(chunk_shape: Sequence[int]) -> list[int]:
+def storage_chunks_for(chunk_shape: Sequence[int]) -> list[int]:
     """Per axis the largest divisor of the block that is <= 64 (the block itself if that is < 16)."""
     storage = []
     for size in chunk_shape:
@@ -167,7 +170,7 @@ def _open_writers(
     return writers
 
 
-def _read_padded(
+def read_padded_block(
     volume: LazyVolume, block: tuple[slice, ...], halo: Sequence[int], value_range: Sequence[float] | None
 ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Model input of ``block`` plus ``halo`` (clipped at the volume border), and where the block
@@ -238,7 +241,7 @@ def predict_affinities_chunked(
     blocks = list(iter_blocks(volume.shape, plan.chunk_shape))
     try:
         for block in progress_bar(blocks, desc="blocks", unit="block", enabled=progress):
-            raw, inner = _read_padded(volume, block, plan.halo, value_range)
+            raw, inner = read_padded_block(volume, block, plan.halo, value_range)
             outputs = predictor(model, raw, offsets=plan.offsets, window=window, progress=False, **predict_kwargs)
             for writer, output, box in zip(writers, outputs, ((slice(None),) + block, block)):
                 if writer is not None:
@@ -259,7 +262,7 @@ def predict_affinities_chunked(
     return ChunkedPrediction(affinity_writer.url, foreground_url, affinity_writer.shape, len(blocks), seconds)
 
 
-def _store_geometry(
+def store_geometry(
     options: PredictOptions, chunk_shape: Sequence[int] | None, halo: Sequence[int] | None
 ) -> tuple[list[int], list[int]]:
     """(block rounded up to a multiple of the stride, halo (default :func:`exact_halo`)), checked."""
@@ -322,7 +325,7 @@ def predict_affinities_to_store(
     check_store_url(affinities_url, "--output-affinities", overwrite=overwrite)
     if membranes_url:
         check_store_url(membranes_url, "--output-membranes", overwrite=overwrite)
-    chunk, halo = _store_geometry(options, chunk_shape, halo)
+    chunk, halo = store_geometry(options, chunk_shape, halo)
     volume = resolve_input(input_url, raw_key).open()
     if volume.dtype != np.uint8 and not np.issubdtype(volume.dtype, np.floating):
         raise DataError(
@@ -342,7 +345,7 @@ def predict_affinities_to_store(
         affinities_url,
         chunk_shape=chunk,
         halo=halo,
-        storage_chunks=_storage_chunks(chunk),
+        storage_chunks=storage_chunks_for(chunk),
         overwrite=overwrite,
         progress=progress,
         **outputs,

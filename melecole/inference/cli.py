@@ -9,8 +9,9 @@ file.hdf:key, zarr (x.zarr[:key]) and precomputed URLs. Affinities and foregroun
 their fingerprint (checkpoint, config, input) matches; MWS is redone. --output-precomputed URL also
 writes URL/segmentation and URL/affinities. --affinities-only predicts block by block (bounded
 memory) from --input into --output-affinities (precomputed or zarr), without MWS or HDF5 results.
---blockwise predicts the same way, then segments block by block on dask into --output (zarr); it takes
-the options of python -m melecole.blockwise (--block, --workers | --scheduler, --fragments, --resume).
+--blockwise predicts the same way (--chunk, --halo) and segments block by block into --output (zarr), both
+as block tasks of one dask run; it takes the options of python -m melecole.blockwise (--block,
+--workers | --scheduler, --fragments, --resume).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--affinities-only", action="store_true", help="chunk-by-chunk affinities only: no MWS, no HDF5")
     add("--output-affinities", metavar="URL", help="--affinities-only output (C, Z, Y, X): precomputed or zarr")
     add("--output-membranes", metavar="URL", help="--affinities-only foreground probability output")
-    add("--chunk", type=int, nargs=3, metavar=ZYX, help="--affinities-only block (default 32 256 256)")
-    add("--halo", type=int, nargs=3, metavar=ZYX, help="--affinities-only context (default: exact result)")
+    add("--chunk", type=int, nargs=3, metavar=ZYX, help="--affinities-only / --blockwise prediction block (default 32 256 256)")
+    add("--halo", type=int, nargs=3, metavar=ZYX, help="--affinities-only / --blockwise prediction context (default: exact)")
     add("--blockwise", action="store_true", help="chunked affinities, then blockwise segmentation (dask)")
     add("--output", metavar="URL", help="--blockwise segmentation output (zarr: x.zarr[:key])")
     add_blockwise_arguments(parser, overwrite=False)
@@ -63,6 +64,11 @@ def check_flags(args: argparse.Namespace) -> None:
     chunked = ("--output-affinities", "--output-membranes", "--chunk", "--halo")
     whole = ("--split", "--output-precomputed", "--thresholds", "--output-dir", "--no-eval")
     given = [flag for flag in chunked + whole if getattr(args, flag[2:].replace("-", "_"))]
+    if args.blockwise:
+        wrong = " ".join(flag for flag in given if flag not in ("--chunk", "--halo"))
+        if wrong or args.affinities_only:
+            raise ConfigError(f"--blockwise writes --output only; drop {wrong or '--affinities-only'}")
+        return
     wrong = " ".join(flag for flag in given if flag in (whole if args.affinities_only else chunked))
     if wrong and args.affinities_only:
         raise ConfigError(f"--affinities-only writes --output-affinities/--output-membranes only; drop {wrong}")

@@ -15,12 +15,14 @@ No Python loop runs over objects or patches.
 
 from __future__ import annotations
 
-from typing import Dict, Literal, Tuple
+from typing import Dict, Literal, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from yacs.config import CfgNode as CN
+
+from melecole.utils.offsets import offset_slices
 
 NormName = Literal["l1", "l2"]
 
@@ -29,7 +31,7 @@ NormName = Literal["l1", "l2"]
 # about L2_EPS / (2 d), i.e. < 1e-7 for d > 0.005, and a zero distance reads sqrt(L2_EPS) = 1e-5.
 L2_EPS = 1e-10
 
-TERM_NAMES = ("pull", "push", "regularizer", "metric", "foreground", "total")
+TERM_NAMES = ("pull", "push", "regularizer", "affinity", "metric", "foreground", "total")
 
 
 def vector_norm(vectors: torch.Tensor, norm: str, dim: int = -1) -> torch.Tensor:
@@ -135,6 +137,51 @@ def metric_loss_terms(
     return pull, push, regularizer, objects
 
 
+def affinity_loss_term(
+    embedding: torch.Tensor,
+    labels: torch.Tensor,
+    offsets: Sequence[Sequence[int]],
+    delta_d: float,
+    norm: str = "l2",
+) -> torch.Tensor:
+    """Class-balanced squared error of the embedding affinities the inference will use.
+
+    For every offset o and labelled pair (p, p + o) (both ids != 0, both inside the patch), the
+    affinity ``a = max(0, 1 - ||e_p - e_{p+o}|| / (2 delta_d))^2`` (docs/ARCHITECTURE.md; the same
+    formula as ``melecole.inference.affinities``, here with autograd) should be 1 for the same id and
+    0 for different ids. Returns ``0.5 * (mean over same-id pairs of (1 - a)^2 + mean over
+    different-id pairs of a^2)`` (a class absent from the batch contributes 0). Unlike pull / push,
+    which act on object means, this acts on the voxels next to a boundary, where the watershed cuts.
+
+    Args:
+        embedding: (B, E, Z, Y, X) float; labels: (B, Z, Y, X) integer ids, 0 ignored.
+    """
+    if embedding.dtype in (torch.float16, torch.bfloat16):
+        embedding = embedding.float()
+    shape = tuple(embedding.shape[2:])
+    totals = [embedding.new_zeros(()), embedding.new_zeros(())]  # same-id, different-id sums
+    counts = [0, 0]
+    for offset in offsets:
+        slices = offset_slices(shape, offset)
+        if slices is None:
+            continue
+        source, target = ((slice(None),) + part for part in slices)
+        first, second = labels[source], labels[target]
+        labelled = (first != 0) & (second != 0)
+        same, different = labelled & (first == second), labelled & (first != second)
+        if not bool(labelled.any()):
+            continue
+        channels = (slice(None), slice(None)) + slices[0], (slice(None), slice(None)) + slices[1]
+        distance = vector_norm(embedding[channels[0]] - embedding[channels[1]], norm, dim=1)
+        affinity = F.relu(1.0 - distance / (2.0 * delta_d)).pow(2)
+        totals[0] = totals[0] + torch.where(same, (1.0 - affinity).pow(2), 0.0).sum()
+        totals[1] = totals[1] + torch.where(different, affinity.pow(2), 0.0).sum()
+        counts[0] += int(same.sum())
+        counts[1] += int(different.sum())
+    means = [total / count for total, count in zip(totals, counts) if count > 0]
+    return 0.5 * sum(means) if means else embedding.new_zeros(())
+
+
 class MetricLoss(nn.Module):
     """Metric loss on ``outputs["embedding"]`` + weighted BCE on ``outputs["foreground"]``.
 
@@ -161,6 +208,8 @@ class MetricLoss(nn.Module):
         gamma: float = 0.001,
         norm: NormName = "l2",
         foreground_weight: float = 1.0,
+        affinity_weight: float = 0.0,
+        offsets: Sequence[Sequence[int]] = (),
     ) -> None:
         super().__init__()
         if norm not in ("l1", "l2"):
@@ -172,6 +221,10 @@ class MetricLoss(nn.Module):
         self.gamma = float(gamma)
         self.norm = norm
         self.foreground_weight = float(foreground_weight)
+        self.affinity_weight = float(affinity_weight)
+        self.offsets = [tuple(int(v) for v in offset) for offset in offsets]
+        if self.affinity_weight > 0 and not self.offsets:
+            raise ValueError("affinity_weight > 0 needs the affinity offsets (INFERENCE.OFFSETS)")
 
     def forward(
         self, outputs: Dict[str, torch.Tensor], labels: torch.Tensor
@@ -190,6 +243,11 @@ class MetricLoss(nn.Module):
         push_mean = (push * has_objects).sum() / patches
         regularizer_mean = (regularizer * has_objects).sum() / patches
         metric = self.alpha * pull_mean + self.beta * push_mean + self.gamma * regularizer_mean
+        if self.affinity_weight > 0:
+            affinity = affinity_loss_term(embedding, labels, self.offsets, self.delta_d, self.norm)
+            metric = metric + self.affinity_weight * affinity
+        else:
+            affinity = metric.new_zeros(())
         # Keep the graph connected to the embedding even when there is no object, so backward()
         # never fails on an all-background batch.
         metric = metric + 0.0 * embedding.sum()
@@ -208,6 +266,7 @@ class MetricLoss(nn.Module):
             "pull": pull_mean,
             "push": push_mean,
             "regularizer": regularizer_mean,
+            "affinity": affinity,
             "metric": metric,
             "foreground": foreground,
             "total": total,
@@ -225,4 +284,6 @@ def build_metric_loss(cfg: CN) -> MetricLoss:
         gamma=cfg.LOSS.GAMMA,
         norm=cfg.LOSS.NORM,
         foreground_weight=cfg.LOSS.FOREGROUND_WEIGHT,
+        affinity_weight=cfg.LOSS.AFFINITY_WEIGHT,
+        offsets=cfg.INFERENCE.OFFSETS,
     )
