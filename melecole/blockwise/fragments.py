@@ -83,8 +83,8 @@ def watershed_fragments(
 ) -> np.ndarray:
     """Seeded watershed on the nearest-neighbour affinities (a fast over-segmentation).
 
-    Seeds are the connected plateaus of local maxima of the (Gaussian-smoothed) distance transform of
-    the interior (voxels whose weakest nearest-neighbour affinity is above 1 - ``interior_threshold``).
+    Seeds are the connected plateaus of local maxima of the (Gaussian-smoothed) city-block distance
+    transform of the interior (voxels whose weakest nearest-neighbour affinity is above 1 - ``interior_threshold``).
     Each voxel joins the seed it reaches along the strongest-affinity path (bioimage-cpp
     ``watershed_from_affinities``); when the nearest-neighbour offsets do not have one sign per axis,
     the height map (1 - mean nearest-neighbour affinity) is flooded instead.
@@ -98,7 +98,9 @@ def watershed_fragments(
     interior = boundary_height(affinities, offsets, reduce="min") < interior_threshold
     if mask is not None:
         interior &= mask
-    distance = ndimage.distance_transform_edt(interior).astype(np.float32)
+    # City-block (chamfer) distance: ~7x faster than the Euclidean transform on a padded block, and
+    # after the smoothing below it gives the same fragments' quality (bench/RESULTS.md, blockwise).
+    distance = ndimage.distance_transform_cdt(interior, metric="taxicab").astype(np.float32)
     if seed_sigma > 0:
         distance = ndimage.gaussian_filter(distance, seed_sigma)
     maxima = (distance == ndimage.maximum_filter(distance, size=3)) & interior
