@@ -89,7 +89,31 @@ def evaluate_checkpoint(cfg, checkpoint: Path, out: Path, split: str) -> dict:
     scores["infer_s"] = time.perf_counter() - start
     with h5py.File(results[0].segmentation, "r") as handle:
         scores["n_seg"] = int(handle["segmentation"].attrs["num_segments"])
+    scores["files"] = {"affinities": str(results[0].affinities), "membranes": str(results[0].membranes)}
     return scores
+
+
+def evaluate_fragment_graph(cfg, files: dict, labels: np.ndarray) -> dict:
+    """The blockwise fragment-graph algorithm (melecole.blockwise, in memory, one block per 32 x 256 x 256)
+    on stored affinities and foreground: BLOCKWISE.* and INFERENCE.* post-processing keys of ``cfg``."""
+    from melecole.blockwise.plan import build_options
+    from melecole.blockwise.segment import segment_affinities
+    from melecole.evaluation import evaluate_segmentation
+
+    with h5py.File(files["affinities"], "r") as handle:
+        affinities = handle["affinities"][:]
+    with h5py.File(files["membranes"], "r") as handle:
+        foreground = handle["membranes"][:]
+    if foreground.dtype == np.uint8:
+        foreground = foreground.astype(np.float32) / 255.0
+    options = build_options(cfg, block_shape=(32, 256, 256))
+    start = time.perf_counter()
+    segmentation, table = segment_affinities(affinities, options, foreground)
+    result = evaluate_segmentation(segmentation, labels, top_k=0)
+    return {
+        "vi_split": result.vi_split, "vi_merge": result.vi_merge, "vi_total": result.vi_split + result.vi_merge,
+        "arand": result.arand, "n_seg": int(table.num_segments), "infer_s": time.perf_counter() - start,
+    }
 
 
 def format_row(row: dict) -> str:
@@ -123,11 +147,21 @@ def learning_curve(cfg, args, out: Path) -> list[dict]:
                (("pull", "pull"), ("push", "push"), ("reg", "regularizer"), ("aff", "affinity"))},
         }
         row.update(evaluate_checkpoint(cfg, checkpoint, out / "eval", args.split))
+        row.pop("files")
         rows.append(row)
         print(format_row(row), flush=True)
         if args.minutes and train_seconds >= 60.0 * args.minutes:
             break
     return rows
+
+
+def print_scores(name: str, scores: dict) -> None:
+    print(
+        f"{name:<60} VI split {scores['vi_split']:.3f} merge {scores['vi_merge']:.3f} "
+        f"total {scores['vi_total']:.3f} ARAND {scores['arand']:.3f} #seg {scores['n_seg']} "
+        f"({scores['infer_s']:.0f} s)",
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -140,6 +174,11 @@ def main() -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--checkpoint", help="skip training: evaluate this checkpoint (with --variants)")
     parser.add_argument("--variants", nargs="*", default=[""], help="quoted 'KEY VALUE ...' override sets")
+    parser.add_argument(
+        "--graph-variants", nargs="*", default=[],
+        help="with --checkpoint: quoted 'KEY VALUE ...' sets (e.g. 'BLOCKWISE.FRAGMENTS watershed') segmented "
+        "by the blockwise fragment-graph algorithm on the affinities of the first --variants entry",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
@@ -160,17 +199,19 @@ def main() -> int:
                 flush=True,
             )
     if args.checkpoint:
-        report["variants"] = {}
+        report["variants"], files = {}, None
         for variant in args.variants:
             variant_cfg = load_cfg(args.config, args.opts + shlex.split(variant))
             scores = evaluate_checkpoint(variant_cfg, Path(args.checkpoint), out / "eval", args.split)
+            files = files or scores.pop("files")
             report["variants"][variant or "(config)"] = scores
-            print(
-                f"{variant or '(config)':<60} VI split {scores['vi_split']:.3f} merge {scores['vi_merge']:.3f} "
-                f"total {scores['vi_total']:.3f} ARAND {scores['arand']:.3f} #seg {scores['n_seg']} "
-                f"({scores['infer_s']:.0f} s)",
-                flush=True,
-            )
+            print_scores(variant or "(config)", scores)
+        labels = val_volume(cfg, args.split).labels if args.graph_variants else None
+        for variant in args.graph_variants:
+            variant_cfg = load_cfg(args.config, args.opts + shlex.split(variant))
+            scores = evaluate_fragment_graph(variant_cfg, files, labels)
+            report["variants"][f"fragment graph: {variant}"] = scores
+            print_scores(f"fragment graph: {variant}", scores)
     else:
         report["curve"] = learning_curve(cfg, args, out)
     (out / "scores.json").write_text(json.dumps(report, indent=2, default=float))

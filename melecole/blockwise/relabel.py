@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import fastremap
 import numpy as np
 
-from melecole.blockwise.agglomerate import LookupTable
+from melecole.inference.agglomeration import LookupTable
 from melecole.inference.postprocess import fill_background
 
 __all__ = ["relabel_block"]
@@ -35,11 +34,7 @@ def relabel_block(
     """
     if not fill:
         fragments = fragments[tuple(inner)]
-    ids = fastremap.unique(fragments)
-    segments = table.lookup(ids)
-    labels = fastremap.remap(
-        np.ascontiguousarray(fragments, dtype=np.uint64), {int(i): int(s) for i, s in zip(ids, segments)}
-    ).astype(np.uint64, copy=False)
+    labels = table.apply(fragments)
     if fill:
         block = labels[tuple(inner)]
         # Filling only changes voxels at 0: a block without any needs no distance transform.

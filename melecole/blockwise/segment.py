@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from melecole.blockwise.agglomerate import LookupTable, agglomerate
+from melecole.inference.agglomeration import LookupTable, agglomerate
 from melecole.blockwise.fragments import block_fragments, global_fragment_ids
-from melecole.blockwise.graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
+from melecole.inference.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.blockwise.relabel import relabel_block
 

@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from melecole.blockwise.agglomerate import LookupTable, agglomerate
-from melecole.blockwise.graph import RegionGraph, reduce_graphs
+from melecole.inference.agglomeration import LookupTable, agglomerate
+from melecole.inference.region_graph import RegionGraph, reduce_graphs
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.blockwise.relabel import relabel_block
 from melecole.blockwise.segment import fragments_of_block, graph_of_block

@@ -207,6 +207,12 @@ _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
 # boundary class, and a predicted 0 is scored as one ordinary (huge, merging) segment.
 _C.INFERENCE.MIN_SEGMENT_SIZE = 20
 _C.INFERENCE.FILL_BACKGROUND = True
+# After the watershed, before the size filter: merge its segments on their region graph (the
+# blockwise algorithm on one block; melecole/inference/agglomeration.py). none | mws (graph mutex
+# watershed: mean nearest-neighbour affinity attracts, 1 - mean long-range affinity repels) | mean
+# (merge neighbours whose mean nearest-neighbour affinity exceeds AGGLOMERATION_THRESHOLD).
+_C.INFERENCE.AGGLOMERATION = "none"
+_C.INFERENCE.AGGLOMERATION_THRESHOLD = 0.5
 # Test-time augmentation (melecole/inference/tta.py): "none", or letters from "zyxt" (z / y / x flip,
 # t = y<->x transpose, which needs a window with equal y and x); every combination of them is one
 # variant ("yx": 4, "zyxt": 16). Per window, each variant's affinities are mapped back to the

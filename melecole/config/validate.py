@@ -25,6 +25,7 @@ _CHOICES = {
     "MOCO.MODE": ("joint", "pretrain"),
     "MOCO.PROJECTION_INPUT": ("features", "embedding"),
     "INFERENCE.BLENDING": ("gaussian", "bump", "constant"),
+    "INFERENCE.AGGLOMERATION": ("none", "mws", "mean"),
     "LOG.PROGRESS_BAR": PROGRESS_CHOICES,
 }
 
@@ -69,6 +70,7 @@ _AT_LEAST = {
 _IN_RANGE = {
     "DATASET.MIN_LABELED_FRACTION": (0.0, 1.0, True),
     "INFERENCE.MWS_BACKGROUND": (0.0, 1.0, True),
+    "INFERENCE.AGGLOMERATION_THRESHOLD": (0.0, 1.0, True),
     "OPTIM.MOMENTUM": (0.0, 1.0, False),
     "MOCO.MOMENTUM": (0.0, 1.0, False),
 }

@@ -174,6 +174,9 @@ class SegmentOptions:
         strides: mutex-edge strides (z, y, x); randomized: random instead of regular strides.
         min_segment_size: segments smaller than this (voxels) are removed.
         fill_background: background voxels take the nearest segment's id.
+        agglomeration: none | mws | mean: merge the watershed's segments on their region graph
+            (INFERENCE.AGGLOMERATION, :mod:`melecole.inference.agglomeration`).
+        agglomeration_threshold: the ``mean`` mode's merge threshold.
     """
 
     offsets: tuple[Triplet, ...]
@@ -182,6 +185,8 @@ class SegmentOptions:
     randomized: bool = False
     min_segment_size: int = 0
     fill_background: bool = False
+    agglomeration: str = "none"
+    agglomeration_threshold: float = 0.5
 
     def attrs(self, background: float | None = None) -> dict[str, Any]:
         """The settings as HDF5 dataset attributes (``background`` overrides the threshold)."""
@@ -191,6 +196,8 @@ class SegmentOptions:
             "randomized_strides": self.randomized,
             "min_segment_size": self.min_segment_size,
             "fill_background": self.fill_background,
+            "agglomeration": self.agglomeration,
+            "agglomeration_threshold": self.agglomeration_threshold,
         }
 
 
@@ -203,4 +210,6 @@ def build_segment_options(cfg: Any) -> SegmentOptions:
         randomized=bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
         min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
         fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
+        agglomeration=str(cfg.INFERENCE.AGGLOMERATION),
+        agglomeration_threshold=float(cfg.INFERENCE.AGGLOMERATION_THRESHOLD),
     )

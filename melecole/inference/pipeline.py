@@ -26,6 +26,7 @@ import torch
 from melecole.data.volume import Volume
 from melecole.errors import ConfigError
 from melecole.evaluation import evaluate_segmentation
+from melecole.inference.agglomeration import agglomerate
 from melecole.inference.inputs import InputSource, read_input, volume_jobs
 from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
 from melecole.inference.options import (
@@ -48,6 +49,7 @@ from melecole.inference.outputs import (
     write_predictions,
 )
 from melecole.inference.postprocess import postprocess_segmentation
+from melecole.inference.region_graph import block_region_graph, fragment_sizes
 from melecole.inference.sliding_window import predict_volume
 from melecole.io import check_writable_folder, model_input, remove_stale_temporaries
 
@@ -100,6 +102,24 @@ def predict_stored(
     return stored, foreground.astype(STORAGE_DTYPE)
 
 
+def agglomerate_segments(labels: np.ndarray, weights: np.ndarray, options: SegmentOptions) -> np.ndarray:
+    """INFERENCE.AGGLOMERATION: the watershed's segments merged on their region graph (mean affinities
+    over each contact; graph mutex watershed or mean threshold), the blockwise algorithm on one block.
+
+    Args:
+        labels: uint64 (Z, Y, X) watershed segments, 0 = background.
+        weights: the mutex watershed's edge weights (:func:`mws_weights`) of the same volume.
+    """
+    whole = tuple(slice(0, size) for size in labels.shape)
+    graph = block_region_graph(labels, weights, options.offsets, whole, mws_weights=True)
+    ids, sizes = fragment_sizes(labels)
+    table = agglomerate(
+        graph, ids, sizes, mode=options.agglomeration, threshold=options.agglomeration_threshold, min_size=0
+    )
+    logger.info("agglomeration (%s): %d segments -> %d", options.agglomeration, len(ids), table.num_segments)
+    return table.apply(labels)
+
+
 def segment_affinities(
     affinities: np.ndarray,
     foreground: np.ndarray,
@@ -133,6 +153,8 @@ def segment_affinities(
                 randomized=options.randomized,
                 weights_ready=True,
             )
+            if options.agglomeration != "none":
+                labels = agglomerate_segments(labels, weights, options)
             done[threshold] = postprocess_segmentation(
                 labels, min_size=options.min_segment_size, fill=options.fill_background
             )

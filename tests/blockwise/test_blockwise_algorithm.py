@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 from conftest import noisy_affinities, voronoi_labels
 
-from melecole.blockwise.agglomerate import LookupTable, agglomerate, graph_mutex_watershed
 from melecole.blockwise.fragments import block_fragments, global_fragment_ids
-from melecole.blockwise.graph import RegionGraph, block_region_graph, reduce_graphs
 from melecole.blockwise.plan import BlockPlan, build_options
 from melecole.blockwise.relabel import relabel_block
 from melecole.blockwise.segment import segment_affinities
 from melecole.errors import ConfigError
 from melecole.evaluation import evaluate_segmentation
 from melecole.inference.affinities import affinities_from_labels
+from melecole.inference.agglomeration import LookupTable, agglomerate, graph_mutex_watershed
 from melecole.inference.mws import mutex_watershed
 from melecole.inference.postprocess import postprocess_segmentation
+from melecole.inference.region_graph import RegionGraph, block_region_graph, reduce_graphs
 
 NEAREST = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
 
@@ -174,3 +174,26 @@ def test_block_fragments_crop_and_renumber(blockwise_cfg):
     assert fragments.shape == (4, 8, 16)
     assert np.array_equal(np.unique(fragments), np.arange(1, fragments.max() + 1))
     assert same_partition(fragments, labels[inner])
+
+
+@pytest.mark.parametrize("mode", ["mws", "mean"])
+def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwise_cfg, mode):
+    """INFERENCE.AGGLOMERATION in the whole-volume pipeline is the blockwise algorithm (mws fragments)
+    on one block: the same partition, and it merges the noisy voxel MWS's pieces."""
+    from melecole.inference.options import build_segment_options
+    from melecole.inference.pipeline import segment_affinities as pipeline_segment
+
+    labels = voronoi_labels()
+    affinities = noisy_affinities(labels, blockwise_cfg.INFERENCE.OFFSETS, noise=0.2)
+    foreground = np.full(labels.shape, 0.9, np.float32)
+    cfg = blockwise_cfg.clone()
+    cfg.INFERENCE.AGGLOMERATION, cfg.INFERENCE.AGGLOMERATION_THRESHOLD = mode, 0.6
+    cfg.BLOCKWISE.AGGLOMERATION, cfg.BLOCKWISE.THRESHOLD = mode, 0.6
+    segmented = pipeline_segment(affinities, foreground, build_segment_options(cfg))
+    merged, attrs = segmented["segmentation"]
+    assert attrs["agglomeration"] == mode
+    expected, _ = segment_affinities(affinities, build_options(cfg, block_shape=labels.shape, fragments="mws"), foreground)
+    assert same_partition(merged, expected)
+    cfg.INFERENCE.AGGLOMERATION = "none"
+    plain, _ = pipeline_segment(affinities, foreground, build_segment_options(cfg))["segmentation"]
+    assert len(np.unique(merged)) < len(np.unique(plain))

@@ -1,4 +1,4 @@
-"""Region graph of fragments: per pair (u < v) the sum and count of attractive (nearest-neighbour) and
+"""Region graph of fragments (blockwise, and INFERENCE.AGGLOMERATION of the whole-volume pipeline): per pair (u < v) the sum and count of attractive (nearest-neighbour) and
 long-range affinities between them, computed per block and reduced (numpy in, numpy out).
 
 A pair of voxels (p, p + o_c) belongs to the block that holds p, so every voxel pair of the volume is
@@ -77,7 +77,12 @@ def _pair_keys(
 
 
 def block_region_graph(
-    fragments: np.ndarray, affinities: np.ndarray, offsets: Sequence[Sequence[int]], inner: Sequence[slice]
+    fragments: np.ndarray,
+    affinities: np.ndarray,
+    offsets: Sequence[Sequence[int]],
+    inner: Sequence[slice],
+    *,
+    mws_weights: bool = False,
 ) -> RegionGraph:
     """Edges of one block.
 
@@ -87,6 +92,9 @@ def block_region_graph(
         affinities: (C, z, y, x) float in [0, 1] of the block only (``fragments[inner]``).
         offsets: C offsets, nearest-neighbour first.
         inner: the block's slices inside ``fragments``.
+        mws_weights: ``affinities`` holds the mutex watershed's edge weights instead
+            (:func:`melecole.inference.mws.mws_weights`: 1 - a on long-range channels); the statistics
+            are of the affinities either way.
     """
     ids = fastremap.unique(fragments)  # sorted: local order = global order, so u < v carries over
     local = fastremap.remap(fragments, {int(i): n for n, i in enumerate(ids)}).astype(np.int64)
@@ -98,7 +106,8 @@ def block_region_graph(
         kind = 0 if channel < num_attractive else 1
         key, value = _pair_keys(local, affinities[channel], [int(o) for o in offset], inner, background)
         keys[kind].append(key)
-        values[kind].append(value.astype(np.float64))
+        value = value.astype(np.float64)
+        values[kind].append(1.0 - value if kind == 1 and mws_weights else value)
     flat_keys = [np.concatenate(k) if k else np.zeros(0, np.int64) for k in keys]
     unique = np.unique(np.concatenate(flat_keys))
     if len(unique) == 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melecole.blockwise.graph import RegionGraph
+from melecole.inference.region_graph import RegionGraph
 
 __all__ = ["LookupTable", "agglomerate", "graph_mutex_watershed", "mean_affinity_clustering"]
 
@@ -58,6 +58,15 @@ class LookupTable:
             return np.zeros_like(ids)
         found = self.fragments[where] == ids
         return np.where(found & (ids != 0), self.segments[where], np.uint64(0))
+
+    def apply(self, fragments: np.ndarray) -> np.ndarray:
+        """uint64 segment ids of a fragment array (any shape): each fragment's segment, 0 for 0,
+        dropped and unknown fragments."""
+        import fastremap
+
+        ids = fastremap.unique(fragments)
+        mapping = {int(i): int(s) for i, s in zip(ids, self.lookup(ids))}
+        return fastremap.remap(np.ascontiguousarray(fragments, dtype=np.uint64), mapping).astype(np.uint64, copy=False)
 
 
 def _node_index(graph: RegionGraph, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
