@@ -13,6 +13,8 @@ algorithm reproduces the whole-volume MWS on the same affinities, not a model's 
 
 Tables:
 
+    spread    (--spread N) VI total of both block shapes per mode on N noise draws of the same volumes
+              (in memory): how much of the block-shape spread is chance.
     quality   per volume (synthetic val, fib-gala val, medulla val): VI split / merge / total (bits)
               and ARAND of the whole-volume voxel MWS (+ INFERENCE.MIN_SEGMENT_SIZE and background
               fill, as infer.py) and of the blockwise run in both fragment modes with two block
@@ -168,6 +170,28 @@ def quality(workdir: Path, synthetic_root: Path, noise: float) -> None:
                     )
 
 
+def block_shape_spread(synthetic_root: Path, noise: float, draws: int) -> None:
+    """VI total of the two block shapes per fragment mode and noise draw (the in-memory algorithm, which
+    the dask runs equal exactly): how much of the block-shape spread is chance."""
+    import h5py
+
+    from melecole.blockwise.segment import segment_affinities
+
+    print(f"\n## Block-shape spread over noise draws (VI total {' / '.join('x'.join(map(str, b)) for b in BLOCKS)})\n")
+    print("| volume | mode | " + " | ".join(f"draw {d}" for d in range(draws)) + " |")
+    print("|---|---|" + "---|" * draws)
+    for name, path in quality_volumes(synthetic_root):
+        with h5py.File(path, "r") as handle:
+            labels = handle["labels"][()]
+        affinities = [noisy_affinities(labels, noise, seed=draw) for draw in range(draws)]
+        for fragments in ("mws", "watershed"):
+            cells = []
+            for values in affinities:
+                totals = [sum(scores(segment_affinities(values, config(b, fragments)[1])[0], labels)[:2]) for b in BLOCKS]
+                cells.append(f"{totals[0]:.3f} / {totals[1]:.3f} ({abs(totals[0] - totals[1]):.3f})")
+            print(f"| {name} | {fragments} | " + " | ".join(cells) + " |", flush=True)
+
+
 def voronoi_labels(shape, objects: int, seed: int = 0) -> np.ndarray:
     """uint32 Voronoi cells (z anisotropy 4), with 1-voxel membranes (label 0) between cells."""
     from scipy import ndimage
@@ -315,6 +339,7 @@ def scale(workdir: Path, shapes: list[tuple[int, int, int]], modes: list[str], w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--spread", type=int, default=0, metavar="DRAWS", help="block-shape spread over noise draws")
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--noise", type=float, default=0.15, help="std of the correlated affinity noise")
@@ -327,12 +352,14 @@ def main() -> None:
     parser.add_argument("--scale-block", type=int, nargs=3, default=[32, 256, 256])
     parser.add_argument("--workdir", type=Path, help="keep stored affinities here (default: a temporary folder)")
     args = parser.parse_args()
-    everything = not (args.quality or args.speed or args.scale)
+    everything = not (args.quality or args.speed or args.scale or args.spread)
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         if args.quality or everything:
             quality(workdir, args.synthetic_root, args.noise)
+        if args.spread:
+            block_shape_spread(args.synthetic_root, args.noise, args.spread)
         if args.speed or everything:
             speed(workdir, tuple(args.speed_shape), args.speed_block, args.noise)
         if args.scale or everything:

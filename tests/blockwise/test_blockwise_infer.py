@@ -108,3 +108,15 @@ def test_existing_output_is_refused_before_any_prediction(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "already exists, expected --resume or --overwrite" in err
     assert not any(p.name.endswith(".predicted") for p in tmp_path.iterdir())  # nothing was predicted
+
+
+def test_blockwise_refuses_flags_of_other_modes(tmp_path, capsys):
+    import infer
+
+    _, common, blockwise = tiny_setup(tmp_path)
+    for extra, named in ((["--output-affinities", str(tmp_path / "a.zarr")], "--output-affinities"),
+                         (["--thresholds", "0.5"], "--thresholds"), (["--affinities-only"], "--affinities-only")):
+        code = infer.main([*blockwise, *extra, *common])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1
+        assert "--blockwise writes --output only" in err and named in err
