@@ -101,9 +101,9 @@ def infer_blockwise(cfg: CN, args: argparse.Namespace, report: Callable[[str], N
     raw_key = args.raw_key or cfg.DATASET.RAW_KEY
     folder = _prediction_folder(args.output)
     job = plan_prediction(cfg, args.checkpoint, args.input, raw_key, folder, threads, args.chunk, args.halo)
+    prepare_prediction(job, resume=args.resume)
     with dask_executor(workers, args.scheduler, args.scheduler_timeout) as executor:
         report_dashboard(executor, report)
-        prepare_prediction(job, resume=args.resume)
         summaries = [run_pass(job, PREDICT_PASS, predict_task, executor, cfg.LOG.PROGRESS_BAR, report)]
         summaries += segment_blockwise(
             job.affinities_url, args.output, options, foreground_url=job.foreground_url, resume=args.resume,

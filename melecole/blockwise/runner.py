@@ -112,8 +112,12 @@ def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float
         with client:
             yield DaskExecutor(client)
         return
-    # One thread per worker: the block functions are single-threaded numpy / C++.
-    environment = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # One thread per worker: the block functions are single-threaded numpy / C++, and zarr decodes
+    # chunks on one thread too (its default pool would make N workers on N cores oversubscribe).
+    environment = {
+        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "ZARR_THREADING__MAX_WORKERS": "1",
+    }
     with LocalCluster(
         n_workers=int(workers),
         threads_per_worker=1,
