@@ -187,7 +187,8 @@ def block_shape_spread(synthetic_root: Path, noise: float, draws: int) -> None:
         for fragments in ("mws", "watershed"):
             cells = []
             for values in affinities:
-                totals = [sum(scores(segment_affinities(values, config(b, fragments)[1])[0], labels)[:2]) for b in BLOCKS]
+                segmentations = [segment_affinities(values, config(b, fragments)[1])[0] for b in BLOCKS]
+                totals = [sum(scores(segmentation, labels)[:2]) for segmentation in segmentations]
                 cells.append(f"{totals[0]:.3f} / {totals[1]:.3f} ({abs(totals[0] - totals[1]):.3f})")
             print(f"| {name} | {fragments} | " + " | ".join(cells) + " |", flush=True)
 

@@ -119,7 +119,8 @@ def evaluate_fragment_graph(cfg, files: dict, labels: np.ndarray) -> dict:
 def format_row(row: dict) -> str:
     return (
         f"{row['iteration']:>9} {row['train_min']:>9.1f} {row['its']:>6.2f} {row['pull']:>6.3f} {row['push']:>6.3f} "
-        f"{row['reg']:>6.2f} {row['aff']:>6.3f} {row['vi_split']:>8.3f} {row['vi_merge']:>8.3f} {row['vi_total']:>8.3f} "
+        f"{row['reg']:>6.2f} {row['aff']:>6.3f} {row['vi_split']:>8.3f} {row['vi_merge']:>8.3f} "
+        f"{row['vi_total']:>8.3f} "
         f"{row['arand']:>6.3f} {row['n_seg']:>6} {row['infer_s']:>7.0f}"
     )
 

@@ -287,7 +287,8 @@ def test_affinity_weight_adds_the_term_and_separates_boundaries() -> None:
     assert terms["affinity"].item() < 1e-8  # perfect embeddings: a = 1 inside, 0 across
     generator = torch.Generator().manual_seed(1)
     embedding = torch.randn(2, 4, 2, 6, 6, generator=generator, requires_grad=True)
-    plain = MetricLoss(DELTA_V, DELTA_D, gamma=0.0)({"embedding": embedding, "foreground": outputs["foreground"]}, labels)
+    inputs = {"embedding": embedding, "foreground": outputs["foreground"]}
+    plain = MetricLoss(DELTA_V, DELTA_D, gamma=0.0)(inputs, labels)
     total, terms = criterion({"embedding": embedding, "foreground": outputs["foreground"]}, labels)
     assert terms["affinity"].item() > 0.01
     assert total.item() == pytest.approx(plain[0].item() + 2.0 * terms["affinity"].item(), rel=1e-6)

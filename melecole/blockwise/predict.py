@@ -149,7 +149,10 @@ def prepare_prediction(job: PredictionJob, resume: bool) -> int:
     (job.path / "done" / PREDICT_PASS).mkdir(parents=True, exist_ok=True)
     storage = storage_chunks_for(job.block_shape)
     channels = len(job.options.offsets)
-    arrays = ((job.affinities_url, (channels, *job.shape), [channels, *storage]), (job.foreground_url, job.shape, storage))
+    arrays = (
+        (job.affinities_url, (channels, *job.shape), [channels, *storage]),
+        (job.foreground_url, job.shape, storage),
+    )
     for path, shape, chunks in arrays:
         if not (Path(path) / ".zarray").is_file():
             array = zarr.create_array(

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from melecole.inference.agglomeration import LookupTable, agglomerate
 from melecole.blockwise.fragments import block_fragments, global_fragment_ids
-from melecole.inference.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.blockwise.relabel import relabel_block
+from melecole.inference.agglomeration import LookupTable, agglomerate
+from melecole.inference.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
 
 __all__ = ["as_probabilities", "segment_affinities", "fragments_of_block", "graph_of_block"]
 

@@ -27,11 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from melecole.inference.agglomeration import LookupTable, agglomerate
-from melecole.inference.region_graph import RegionGraph, reduce_graphs
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.blockwise.relabel import relabel_block
 from melecole.blockwise.segment import fragments_of_block, graph_of_block
+from melecole.inference.agglomeration import LookupTable, agglomerate
+from melecole.inference.region_graph import RegionGraph, reduce_graphs
 from melecole.io.volumes import LazyVolume, open_volume
 
 __all__ = [

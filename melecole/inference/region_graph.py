@@ -1,4 +1,5 @@
-"""Region graph of fragments (blockwise, and INFERENCE.AGGLOMERATION of the whole-volume pipeline): per pair (u < v) the sum and count of attractive (nearest-neighbour) and
+"""Region graph of fragments (blockwise, and INFERENCE.AGGLOMERATION of the whole-volume pipeline):
+per pair (u < v) the sum and count of attractive (nearest-neighbour) and
 long-range affinities between them, computed per block and reduced (numpy in, numpy out).
 
 A pair of voxels (p, p + o_c) belongs to the block that holds p, so every voxel pair of the volume is

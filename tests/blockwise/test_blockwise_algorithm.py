@@ -192,7 +192,8 @@ def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwi
     segmented = pipeline_segment(affinities, foreground, build_segment_options(cfg))
     merged, attrs = segmented["segmentation"]
     assert attrs["agglomeration"] == mode
-    expected, _ = segment_affinities(affinities, build_options(cfg, block_shape=labels.shape, fragments="mws"), foreground)
+    options = build_options(cfg, block_shape=labels.shape, fragments="mws")
+    expected, _ = segment_affinities(affinities, options, foreground)
     assert same_partition(merged, expected)
     cfg.INFERENCE.AGGLOMERATION = "none"
     plain, _ = pipeline_segment(affinities, foreground, build_segment_options(cfg))["segmentation"]

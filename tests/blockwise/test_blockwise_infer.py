@@ -85,7 +85,6 @@ def test_interrupted_prediction_resumes_and_gives_the_same_result(tmp_path, dask
 
 
 def test_resume_with_another_checkpoint_is_refused(tmp_path, capsys):
-    import infer
     from melecole.blockwise.api import _prediction_folder
     from melecole.blockwise.predict import plan_prediction, prepare_prediction
 
