@@ -99,13 +99,10 @@ def evaluate_fragment_graph(cfg, files: dict, labels: np.ndarray) -> dict:
     from melecole.blockwise.plan import build_options
     from melecole.blockwise.segment import segment_affinities
     from melecole.evaluation import evaluate_segmentation
+    from melecole.io import open_volume
 
-    with h5py.File(files["affinities"], "r") as handle:
-        affinities = handle["affinities"][:]
-    with h5py.File(files["membranes"], "r") as handle:
-        foreground = handle["membranes"][:]
-    if foreground.dtype == np.uint8:
-        foreground = foreground.astype(np.float32) / 255.0
+    affinities = open_volume(files["affinities"], "affinities").read()
+    foreground = open_volume(files["membranes"], "membranes").read()
     options = build_options(cfg, block_shape=(32, 256, 256))
     start = time.perf_counter()
     segmentation, table = segment_affinities(affinities, options, foreground)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from melecole.blockwise.plan import BlockPlan
-from melecole.blockwise.tasks import atomic_write_bytes, mark_done, read_manifest
+from melecole.blockwise.tasks import atomic_write_bytes, ensure_work_array, json_safe, mark_done, read_manifest
 from melecole.errors import DataError
 from melecole.io.volumes import LazyVolume, open_volume
 
@@ -99,20 +99,14 @@ def plan_prediction(
     ``chunk`` / ``halo``: as ``infer.py --chunk / --halo`` (defaults: (32, 256, 256) rounded up to the
     stride, and the exact halo)."""
     from melecole.engine.checkpoint import check_model_compatible, load_checkpoint
-    from melecole.inference.chunked import store_geometry
-    from melecole.inference.inputs import resolve_input
+    from melecole.inference.chunked import open_block_input, store_geometry
     from melecole.inference.options import build_predict_options
 
     options = build_predict_options(cfg)
     block, halo = store_geometry(options, chunk, halo)
-    volume = resolve_input(input_url, raw_key).open()
+    volume = open_block_input(input_url, raw_key, "--blockwise")
     if volume.ndim != 3:
         raise DataError(f"input '{volume.url}': shape {list(volume.shape)}, expected (Z, Y, X) raw")
-    if volume.dtype != np.uint8 and not np.issubdtype(volume.dtype, np.floating):
-        raise DataError(
-            f"input '{volume.url}' has dtype {volume.dtype}; --blockwise reads block by block and needs "
-            "uint8 or float raw in [0, 1] (convert it, or run infer.py without --blockwise)"
-        )
     loaded = load_checkpoint(checkpoint)
     check_model_compatible(loaded, cfg)
     if options.num_threads:
@@ -133,33 +127,24 @@ def prepare_prediction(job: PredictionJob, resume: bool) -> int:
     """
     import shutil
 
-    import zarr
-
     from melecole.inference.chunked import storage_chunks_for
 
     manifest = read_manifest(job.path)
-    expected = json.loads(json.dumps(job.manifest()))
+    expected = json_safe(job.manifest())
     if manifest is not None and resume and manifest != expected:
         raise DataError(
             f"{job.path}: the interrupted prediction used another checkpoint, input or options, expected the "
             "same command (or --overwrite to start again)"
         )
-    if job.path.exists() and (manifest is None or not resume):
+    fresh = manifest is None or not resume
+    if fresh and job.path.exists():
         shutil.rmtree(job.path)
     (job.path / "done" / PREDICT_PASS).mkdir(parents=True, exist_ok=True)
     storage = storage_chunks_for(job.block_shape)
     channels = len(job.options.offsets)
-    arrays = (
-        (job.affinities_url, (channels, *job.shape), [channels, *storage]),
-        (job.foreground_url, job.shape, storage),
-    )
-    for path, shape, chunks in arrays:
-        if not (Path(path) / ".zarray").is_file():
-            array = zarr.create_array(
-                store=path, shape=shape, chunks=chunks, dtype=np.uint8, zarr_format=2, fill_value=0
-            )
-            array.attrs.update({"resolution": list(job.resolution), "axes": ["z", "y", "x"], "units": "nm"})
-    if read_manifest(job.path) is None:
+    ensure_work_array(job.affinities_url, (channels, *job.shape), [channels, *storage], np.uint8, job.resolution)
+    ensure_work_array(job.foreground_url, job.shape, storage, np.uint8, job.resolution)
+    if fresh:
         atomic_write_bytes(job.path / "manifest.json", json.dumps(expected, indent=1).encode())
     done = job.path / "done" / PREDICT_PASS
     return sum(1 for _ in done.iterdir())

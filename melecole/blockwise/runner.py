@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from melecole.blockwise.tasks import (
     fragments_task,
     graph_task,
     is_done,
+    json_safe,
     prepare_workdir,
     read_manifest,
     relabel_task,
@@ -299,11 +299,6 @@ def plan_job(
             "(or --overwrite to start again)"
         )
     return job, final
-
-
-def json_safe(value: Any) -> Any:
-    """Tuples -> lists, recursively (a manifest read back from json compares equal)."""
-    return json.loads(json.dumps(value))
 
 
 def _commit(job: BlockwiseJob, output: VolumeURL, final: Path) -> None:

@@ -41,6 +41,8 @@ __all__ = [
     "mark_done",
     "atomic_write_bytes",
     "read_manifest",
+    "ensure_work_array",
+    "json_safe",
     "fragments_task",
     "graph_task",
     "agglomerate_task",
@@ -116,27 +118,37 @@ def mark_done(job: BlockwiseJob, name: str, index: int) -> None:
 
 def prepare_workdir(job: BlockwiseJob) -> None:
     """Creates the work folder, its stores and the manifest (existing ones are kept, for resume)."""
-    import zarr
-
     for name in BLOCK_PASSES + ("agglomerate",):
         (job.path / "done" / name).mkdir(parents=True, exist_ok=True)
     (job.path / "graph").mkdir(exist_ok=True)
-    stores = (
-        # Output-sized chunks (blocks are whole numbers of them): halo reads decode little beyond the box.
-        (job.path / "fragments.zarr", job.options.output_chunks, {}),
-        (job.output_path, job.options.output_chunks, {"layer_type": "segmentation"}),
-    )
-    for path, chunks, extra in stores:
-        if not (path / ".zarray").is_file():
-            array = zarr.create_array(
-                store=str(path), shape=job.shape, chunks=chunks, dtype=np.uint64, zarr_format=2, fill_value=0
-            )
-            array.attrs.update(
-                {"resolution": list(job.resolution), "axes": ["z", "y", "x"], "units": "nm", **extra}
-            )
+    # Output-sized chunks (blocks are whole numbers of them): halo reads decode little beyond the box.
+    chunks = job.options.output_chunks
+    ensure_work_array(job.path / "fragments.zarr", job.shape, chunks, np.uint64, job.resolution)
+    ensure_work_array(job.output_path, job.shape, chunks, np.uint64, job.resolution, layer_type="segmentation")
     manifest = job.path / "manifest.json"
     if not manifest.is_file():
         atomic_write_bytes(manifest, json.dumps(job.manifest(), indent=1).encode())
+
+
+def ensure_work_array(
+    path: str | os.PathLike, shape: Sequence[int], chunks: Sequence[int], dtype: Any,
+    resolution: Sequence[float], **attrs: Any,
+) -> None:
+    """Creates a zarr (v2) array of a work folder, zero-filled, with the volume attributes; an array that
+    exists already (a resumed run) is kept."""
+    import zarr
+
+    if (Path(path) / ".zarray").is_file():
+        return
+    array = zarr.create_array(
+        store=str(path), shape=tuple(shape), chunks=list(chunks), dtype=dtype, zarr_format=2, fill_value=0
+    )
+    array.attrs.update({"resolution": list(resolution), "axes": ["z", "y", "x"], "units": "nm", **attrs})
+
+
+def json_safe(value: Any) -> Any:
+    """Tuples -> lists, recursively (a manifest read back from json compares equal)."""
+    return json.loads(json.dumps(value))
 
 
 def read_manifest(workdir: str | os.PathLike) -> dict[str, Any] | None:

@@ -47,6 +47,7 @@ __all__ = [
     "read_padded_block",
     "storage_chunks_for",
     "store_geometry",
+    "open_block_input",
     "ChunkedPrediction",
     "Predictor",
     "exact_halo",
@@ -275,6 +276,20 @@ def store_geometry(
     return chunk, halo
 
 
+def open_block_input(input_url: str, raw_key: str | None, flag: str) -> LazyVolume:
+    """The raw of a block-by-block prediction (``flag``: the infer.py option, for the error): uint8 or
+    float in [0, 1], since blocks are normalised without the whole volume's range."""
+    from melecole.inference.inputs import resolve_input
+
+    volume = resolve_input(input_url, raw_key).open()
+    if volume.dtype != np.uint8 and not np.issubdtype(volume.dtype, np.floating):
+        raise DataError(
+            f"input '{volume.url}' has dtype {volume.dtype}; {flag} reads block by block and needs "
+            f"uint8 or float raw in [0, 1] (convert it, or run infer.py without {flag})"
+        )
+    return volume
+
+
 def predict_affinities_to_store(
     options: PredictOptions,
     checkpoint_path: str | os.PathLike,
@@ -317,7 +332,6 @@ def predict_affinities_to_store(
         CheckpointError: as for :func:`melecole.inference.pipeline.run_inference`.
     """
     from melecole.engine.checkpoint import build_model_from_checkpoint
-    from melecole.inference.inputs import resolve_input
     from melecole.inference.stores import check_store_url
 
     if not input_url or not affinities_url:
@@ -326,12 +340,7 @@ def predict_affinities_to_store(
     if membranes_url:
         check_store_url(membranes_url, "--output-membranes", overwrite=overwrite)
     chunk, halo = store_geometry(options, chunk_shape, halo)
-    volume = resolve_input(input_url, raw_key).open()
-    if volume.dtype != np.uint8 and not np.issubdtype(volume.dtype, np.floating):
-        raise DataError(
-            f"input '{volume.url}' has dtype {volume.dtype}; --affinities-only reads block by block and needs "
-            "uint8 or float raw in [0, 1] (convert it, or run infer.py without --affinities-only)"
-        )
+    volume = open_block_input(input_url, raw_key, "--affinities-only")
     options.configure_threads()
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=options.torch_device)
     logger.info(
