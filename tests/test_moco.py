@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -331,9 +333,43 @@ def test_label_efficiency_bench_runs_end_to_end(tmp_path, repo_root):
         "--labelled-shape", "16", "64", "64", "--volume-shape", "16", "64", "64", "--unlabelled", "1",
         "MODEL.FILTERS", "[4, 8, 16]", "MODEL.NORM_GROUPS", "2", "MOCO.NUM_SAMPLES", "16", "MOCO.QUEUE_SIZE", "64",
     ]) == 0
-    records = json.loads((tmp_path / "bench" / "results.json").read_text())
+    records = [json.loads(p.read_text()) for p in (tmp_path / "bench").glob("seed0/*/record.json")]
     assert {r["arm"] for r in records} == {"supervised", "pretrain+finetune", "joint"}
     assert all(math.isfinite(r["vi_total"]) and 0.0 <= r["arand"] <= 1.0 for r in records)
+    assert {r["arm"]: r["steps"] for r in records}["pretrain+finetune"] == {"pretrain": 1, "finetune": 1}
+
+
+def test_label_efficiency_bench_equal_time_budget(tmp_path, repo_root):
+    """--minutes turns the measured seconds per step of each mode into step counts of equal CPU time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_moco", repo_root / "bench" / "bench_moco_label_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(minutes=2.0, pretrain_fraction=0.25, iterations=0)
+    steps = bench.budget_steps(args, {"supervised": 0.5, "joint": 1.5, "pretrain": 1.0})
+    assert steps == {"supervised": 240, "joint": 80, "pretrain": 30, "finetune": 180}
+    args = argparse.Namespace(minutes=0.0, pretrain_fraction=0.5, iterations=9)
+    assert bench.budget_steps(args, None) == {"supervised": 9, "joint": 9, "pretrain": 4, "finetune": 5}
+
+
+def test_label_efficiency_bench_medulla_keeps_only_the_first_sections(tmp_path, repo_root):
+    import importlib.util
+
+    if not (repo_root.parent / "shared" / "data" / "medulla" / "train").is_dir():
+        pytest.skip("../shared/data/medulla is absent")
+    spec = importlib.util.spec_from_file_location("bench_moco", repo_root / "bench" / "bench_moco_label_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    options = bench.make_medulla(tmp_path, 5)
+    train = tmp_path / "train" / "medulla_train_first5.hdf"
+    with h5py.File(train, "r") as cut, h5py.File(bench.MEDULLA / "train" / "medulla_train.hdf", "r") as full:
+        np.testing.assert_array_equal(cut["labels"][:], full["labels"][:5])
+        np.testing.assert_array_equal(cut["volume"][:], full["volume"][:5])
+    assert options == {"DATASET.DATA_ROOT": tmp_path}
+    assert (tmp_path / "val" / "medulla_val.hdf").resolve() == (bench.MEDULLA / "val" / "medulla_val.hdf").resolve()
+    with pytest.raises(SystemExit, match="--labelled-sections: expected 1-100, got 101"):
+        bench.make_medulla(tmp_path / "other", 101)
 
 
 def test_gradient_clipping_covers_the_projection_head(tmp_path):
