@@ -50,6 +50,7 @@ MIN_SEGMENT_SIZE = 20
 CHUNKS = [8, 32, 32]  # quality: output chunks of which both block shapes below are multiples
 SPEED_CHUNKS = [32, 64, 64]  # speed: production-sized output chunks (the default is 32 x 128 x 128)
 BLOCKS = ([16, 64, 64], [32, 32, 64])
+MIN_FRAGMENT_SIZE = [-1]  # BLOCKWISE.MIN_FRAGMENT_SIZE of every run (--min-fragment-size)
 
 
 def noisy_affinities(labels: np.ndarray, noise: float, seed: int = 0) -> np.ndarray:
@@ -87,6 +88,7 @@ def config(block: list[int] | None = None, fragments: str = "mws", chunks: list[
     cfg.INFERENCE.OFFSETS = OFFSETS
     cfg.INFERENCE.MIN_SEGMENT_SIZE = MIN_SEGMENT_SIZE
     cfg.BLOCKWISE.OUTPUT_CHUNKS = chunks
+    cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = MIN_FRAGMENT_SIZE[0]
     return cfg, build_options(cfg, block_shape=block, fragments=fragments)
 
 
@@ -136,7 +138,8 @@ def quality(workdir: Path, synthetic_root: Path, noise: float) -> None:
 
     from melecole.blockwise.runner import dask_executor
 
-    print(f"\n## Same quality (noisy GT affinities, noise {noise}; VI in bits; 2 dask workers)\n")
+    print(f"\n## Same quality (noisy GT affinities, noise {noise}; VI in bits; 2 dask workers; "
+          f"BLOCKWISE.MIN_FRAGMENT_SIZE {MIN_FRAGMENT_SIZE[0]})\n")
     print("| volume | shape | method | blocks | VI split | VI merge | VI total | dVI vs whole | ARAND | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with dask_executor(2) as executor:
@@ -210,7 +213,7 @@ def voronoi_labels(shape, objects: int, seed: int = 0) -> np.ndarray:
     return labels
 
 
-def speed(workdir: Path, shape: tuple[int, int, int], block: list[int], noise: float) -> None:
+def speed(workdir: Path, shape: tuple[int, int, int], block: list[int], noise: float, modes: list[str]) -> None:
     from melecole.blockwise.runner import dask_executor
     from melecole.io.volumes import write_volume
 
@@ -224,12 +227,13 @@ def speed(workdir: Path, shape: tuple[int, int, int], block: list[int], noise: f
     reference = sum(scores(whole, labels)[:2])
     del affinities, whole
     size, load = "x".join(map(str, shape)), os.getloadavg()[0]
-    print(f"\n## Speed ({size}, block {'x'.join(map(str, block))}, load average {load:.1f})\n")
+    print(f"\n## Speed ({size}, block {'x'.join(map(str, block))}, load average {load:.1f}, "
+          f"BLOCKWISE.MIN_FRAGMENT_SIZE {MIN_FRAGMENT_SIZE[0]})\n")
     print("| method | workers | s (all passes) | Mvoxel/s | speed-up vs 1 worker | VI total | dVI vs whole |")
     print("|---|---|---|---|---|---|---|")
     rate = voxels / whole_seconds / 1e6
     print(f"| whole-volume MWS | 1 | {whole_seconds:.1f} | {rate:.2f} | | {reference:.3f} | 0 |")
-    for fragments in ("watershed", "mws"):
+    for fragments in modes:
         single = None
         for workers in (1, 2):
             with dask_executor(workers) as executor:
@@ -303,7 +307,8 @@ class TreeMemory:
 
 
 def scale(workdir: Path, shapes: list[tuple[int, int, int]], modes: list[str], workers: int, block) -> None:
-    print(f"\n## Scale (12 channels, uint8 zarr, {workers} workers, block {'x'.join(map(str, block))})\n")
+    print(f"\n## Scale (12 channels, uint8 zarr, {workers} workers, block {'x'.join(map(str, block))}, "
+          f"BLOCKWISE.MIN_FRAGMENT_SIZE {MIN_FRAGMENT_SIZE[0]})\n")
     print("| shape | Mvoxel | mode | s | Mvoxel/s | peak RSS tree (GB) | peak single process (GB) |")
     print("|---|---|---|---|---|---|---|")
     for shape in shapes:
@@ -317,7 +322,7 @@ def scale(workdir: Path, shapes: list[tuple[int, int, int]], modes: list[str], w
                 sys.executable, "-m", "melecole.blockwise", "--affinities", str(stored), "--output", str(output),
                 "--overwrite", "--workers", str(workers), "--fragments", mode, "--block", *map(str, block),
                 "--config", str(REPO_ROOT / "configs" / "synthetic-UNet3D.yaml"), "LOG.PROGRESS_BAR", "False",
-                "BLOCKWISE.OUTPUT_CHUNKS", "[32, 128, 128]",
+                "BLOCKWISE.OUTPUT_CHUNKS", "[32, 128, 128]", "BLOCKWISE.MIN_FRAGMENT_SIZE", str(MIN_FRAGMENT_SIZE[0]),
             ]
             start = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -352,7 +357,10 @@ def main() -> None:
     parser.add_argument("--scale-modes", nargs="+", default=["watershed", "mws"])
     parser.add_argument("--scale-block", type=int, nargs=3, default=[32, 256, 256])
     parser.add_argument("--workdir", type=Path, help="keep stored affinities here (default: a temporary folder)")
+    parser.add_argument("--min-fragment-size", type=int, default=-1, help="BLOCKWISE.MIN_FRAGMENT_SIZE (-1: auto)")
+    parser.add_argument("--speed-modes", nargs="+", default=["watershed", "mws"], choices=["watershed", "mws"])
     args = parser.parse_args()
+    MIN_FRAGMENT_SIZE[0] = args.min_fragment_size
     everything = not (args.quality or args.speed or args.scale or args.spread)
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
@@ -362,7 +370,7 @@ def main() -> None:
         if args.spread:
             block_shape_spread(args.synthetic_root, args.noise, args.spread)
         if args.speed or everything:
-            speed(workdir, tuple(args.speed_shape), args.speed_block, args.noise)
+            speed(workdir, tuple(args.speed_shape), args.speed_block, args.noise, args.speed_modes)
         if args.scale or everything:
             shapes = [tuple(args.small_shape), tuple(args.scale_shape)]
             scale(workdir, shapes, args.scale_modes, 2, args.scale_block)

@@ -16,7 +16,14 @@ from scipy import ndimage
 from melecole.inference.affinities import offset_slices
 from melecole.inference.mws import mutex_watershed, number_of_attractive_channels
 
-__all__ = ["block_fragments", "mws_fragments", "watershed_fragments", "boundary_height", "global_fragment_ids"]
+__all__ = [
+    "drop_small_fragments",
+    "block_fragments",
+    "mws_fragments",
+    "watershed_fragments",
+    "boundary_height",
+    "global_fragment_ids",
+]
 
 Offsets = Sequence[Sequence[int]]
 
@@ -117,6 +124,24 @@ def watershed_fragments(
     return labels.astype(np.uint64, copy=False)
 
 
+def drop_small_fragments(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Sets fragments with fewer than ``min_size`` voxels to background 0, as ``infer.py`` drops voxel-MWS
+    segments under INFERENCE.MIN_SEGMENT_SIZE (the relabel pass's background fill then gives their
+    voxels the nearest segment's label). Fragments touching a face of the array are kept whatever their
+    size (they may go on outside it). ``labels`` is not changed; it is returned as is when nothing is small.
+    """
+    if min_size <= 1 or labels.size == 0:
+        return labels
+    ids, counts = fastremap.unique(labels, return_counts=True)
+    small = ids[(counts < min_size) & (ids != 0)]
+    if len(small):
+        faces = [labels[(slice(None),) * axis + (end,)] for axis in range(labels.ndim) for end in (0, -1)]
+        small = np.setdiff1d(small, np.concatenate([fastremap.unique(face) for face in faces]))
+    if not len(small):
+        return labels
+    return fastremap.mask(labels, small)
+
+
 def block_fragments(
     affinities: np.ndarray,
     offsets: Offsets,
@@ -128,8 +153,10 @@ def block_fragments(
     strides: Sequence[int] | None = None,
     interior_threshold: float = 0.5,
     seed_sigma: float = 1.0,
+    min_size: int = 0,
 ) -> np.ndarray:
-    """Fragments of one block: segment the padded block, crop to ``inner``, renumber 1..n.
+    """Fragments of one block: segment the padded block, drop fragments under ``min_size`` voxels
+    (:func:`drop_small_fragments`, sizes in the padded block), crop to ``inner``, renumber 1..n.
 
     Args:
         affinities: (C, Z, Y, X) float32 in [0, 1] of the block plus halo.
@@ -149,6 +176,7 @@ def block_fragments(
         )
     else:
         raise ValueError(f"fragment mode '{mode}', expected mws or watershed")
+    labels = drop_small_fragments(labels, min_size)
     block = np.ascontiguousarray(labels[tuple(inner)])
     block, _ = fastremap.renumber(block, preserve_zero=True, in_place=True)
     return block.astype(np.uint64, copy=False)

@@ -43,6 +43,8 @@ class BlockwiseOptions:
         watershed_threshold: boundary height below which a voxel is interior (watershed seeds).
         seed_sigma: smoothing of the distance transform before taking seed maxima.
         min_segment_size: segments with fewer voxels become 0 (then filled, with ``fill_background``).
+        min_fragment_size: fragments with fewer voxels (in block + halo) become background before the
+            region graph (the background fill gives them the nearest segment at the end).
         fill_background: give voxels left at 0 the nearest segment's label.
     """
 
@@ -60,6 +62,7 @@ class BlockwiseOptions:
     seed_sigma: float = 1.0
     min_segment_size: int = 0
     fill_background: bool = True
+    min_fragment_size: int = 0
 
     @property
     def reach(self) -> Triple:
@@ -152,7 +155,18 @@ def build_options(
         seed_sigma=float(group.SEED_SIGMA),
         min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
         fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
+        min_fragment_size=min_fragment_size(cfg, mode),
     )
+
+
+def min_fragment_size(cfg: CN, mode: str) -> int:
+    """BLOCKWISE.MIN_FRAGMENT_SIZE; -1 (auto): INFERENCE.MIN_SEGMENT_SIZE for mws fragments, 0 for watershed."""
+    value = int(cfg.BLOCKWISE.MIN_FRAGMENT_SIZE)
+    if value < -1:
+        raise ConfigError(f"BLOCKWISE.MIN_FRAGMENT_SIZE: {value}, expected -1 (auto), 0 (keep all) or a size")
+    if value == -1:
+        return int(cfg.INFERENCE.MIN_SEGMENT_SIZE) if mode == "mws" else 0
+    return value
 
 
 @dataclass(frozen=True)

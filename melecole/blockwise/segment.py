@@ -41,6 +41,7 @@ def fragments_of_block(
         strides=options.strides,
         interior_threshold=options.watershed_threshold,
         seed_sigma=options.seed_sigma,
+        min_size=options.min_fragment_size,
     )
     return global_fragment_ids(local, index, plan.block_voxels)
 

@@ -266,6 +266,12 @@ _C.BLOCKWISE.FRAGMENTS = "mws"
 # are interior; seeds are maxima of the interior's distance transform, smoothed with SEED_SIGMA.
 _C.BLOCKWISE.WATERSHED_THRESHOLD = 0.5
 _C.BLOCKWISE.SEED_SIGMA = 1.0
+# Fragments with fewer voxels (counted in block + halo; not those touching the halo's outer face)
+# become background before the region graph, and the background fill (INFERENCE.FILL_BACKGROUND)
+# gives their voxels the nearest segment at the end: fewer fragments and edges, so the global
+# agglomeration needs less memory and time. -1 = auto: INFERENCE.MIN_SEGMENT_SIZE for mws fragments
+# (voxel-MWS segments, which infer.py drops and fills the same way), 0 (keep all) for watershed.
+_C.BLOCKWISE.MIN_FRAGMENT_SIZE = -1
 # Agglomeration of the fragment graph: mws (graph mutex watershed: mean nearest-neighbour affinity
 # attracts, 1 - mean long-range affinity repels) | mean (merge pairs whose mean nearest-neighbour
 # affinity exceeds THRESHOLD; connected components).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import noisy_affinities, voronoi_labels
 
-from melecole.blockwise.fragments import block_fragments, global_fragment_ids
+from melecole.blockwise.fragments import block_fragments, drop_small_fragments, global_fragment_ids
 from melecole.blockwise.plan import BlockPlan, build_options
 from melecole.blockwise.relabel import relabel_block
 from melecole.blockwise.segment import segment_affinities
@@ -165,6 +165,35 @@ def test_options_validation(blockwise_cfg):
     assert options.reach == (2, 5, 5) and options.halo == (4, 10, 10) and options.num_attractive == 3
 
 
+def test_drop_small_fragments_sets_them_to_background():
+    labels = np.zeros((5, 8, 10), np.uint64)
+    labels[:, :, :5], labels[:, :, 5:] = 1, 2
+    labels[2, 3:5, 2:4] = 3  # 4 voxels inside fragment 1
+    labels[2, 3, 4:6] = 4  # 2 voxels between fragments 1 and 2
+    labels[2, 6:8, 7:9] = 5  # 4 voxels touching the y face: kept
+    labels[1:4, 1, 8] = 0  # background
+    before = labels.copy()
+    result = drop_small_fragments(labels, 5)
+    np.testing.assert_array_equal(labels, before)  # input untouched
+    small = (before == 3) | (before == 4)
+    assert (result[small] == 0).all() and set(np.unique(result)) == {0, 1, 2, 5}
+    np.testing.assert_array_equal(result[~small], before[~small])
+    assert (drop_small_fragments(labels, 3) != before).sum() == 2  # only the 2-voxel fragment
+    assert drop_small_fragments(labels, 1) is labels and drop_small_fragments(labels, 0) is labels
+
+
+def test_min_fragment_size_option(blockwise_cfg):
+    cfg = blockwise_cfg.clone()
+    cfg.INFERENCE.MIN_SEGMENT_SIZE = 25
+    assert build_options(cfg, fragments="mws").min_fragment_size == 25  # auto: voxel-MWS segments
+    assert build_options(cfg, fragments="watershed").min_fragment_size == 0
+    cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = 7
+    assert build_options(cfg, fragments="watershed").min_fragment_size == 7
+    cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = -2
+    with pytest.raises(ConfigError, match="BLOCKWISE.MIN_FRAGMENT_SIZE: -2, expected -1"):
+        build_options(cfg)
+
+
 def test_block_fragments_crop_and_renumber(blockwise_cfg):
     labels = voronoi_labels((8, 16, 16), seeds=6)
     offsets = blockwise_cfg.INFERENCE.OFFSETS
@@ -189,6 +218,7 @@ def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwi
     cfg = blockwise_cfg.clone()
     cfg.INFERENCE.AGGLOMERATION, cfg.INFERENCE.AGGLOMERATION_THRESHOLD = mode, 0.6
     cfg.BLOCKWISE.AGGLOMERATION, cfg.BLOCKWISE.THRESHOLD = mode, 0.6
+    cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = 0  # every voxel-MWS segment a node, as in the pipeline
     segmented = pipeline_segment(affinities, foreground, build_segment_options(cfg))
     merged, attrs = segmented["segmentation"]
     assert attrs["agglomeration"] == mode
