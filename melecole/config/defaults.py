@@ -262,8 +262,8 @@ _C.BLOCKWISE.HALO = []
 # Fragments per block: mws (voxel mutex watershed on block + halo, cropped) | watershed (seeded
 # watershed on the nearest-neighbour boundary map, faster, more fragments).
 _C.BLOCKWISE.FRAGMENTS = "mws"
-# watershed fragments: voxels with boundary height (1 - mean nearest-neighbour affinity) below this
-# are interior; seeds are maxima of the interior's distance transform, smoothed with SEED_SIGMA.
+# watershed fragments: voxels with boundary height (1 - their weakest nearest-neighbour affinity)
+# below this are interior; seeds are maxima of the interior's distance transform, smoothed with SEED_SIGMA.
 _C.BLOCKWISE.WATERSHED_THRESHOLD = 0.5
 _C.BLOCKWISE.SEED_SIGMA = 1.0
 # Fragments with fewer voxels (counted in block + halo; not those touching the halo's outer face)
