@@ -52,6 +52,9 @@ EXTRA_ARMS = ("pretrain-extra+finetune",)
 CONFIGS = {"synthetic": REPO / "configs" / "synthetic-MoCo.yaml", "medulla": REPO / "configs" / "medulla-MoCo.yaml"}
 MEDULLA = REPO.parent / "shared" / "data" / "medulla"
 CALIBRATION_STEPS = (3, 20)  # warm-up steps, then timed steps
+# The step counts (keys of budget_steps) each arm trains for, in order.
+ARM_STEPS = {"supervised": ("supervised",), "joint": ("joint",), "pretrain+finetune": ("pretrain", "finetune"),
+             "pretrain-extra+finetune": ("pretrain", "supervised")}
 
 
 def make_synthetic(root: Path, labelled_shape: list[int], volume_shape: list[int], unlabelled: int, seed: int) -> dict:
@@ -151,17 +154,13 @@ def run_arm(arm: str, seed: int, dataset: str, base: dict, steps: dict[str, int]
             atomic_write_text(timing, json.dumps(seconds))
         else:  # the diagnostic arm reuses the equal-budget arm's pre-training
             seconds = json.loads(timing.read_text())
-        finetune_steps = steps["supervised"] if arm == "pretrain-extra+finetune" else steps["finetune"]
+        finetune_steps = steps[ARM_STEPS[arm][1]]
         checkpoint, more = train(dataset, supervised, finetune_steps, out / "finetune", ssl_checkpoint=ssl)
         seconds += more
     started = time.perf_counter()
     scores = evaluate(dataset, supervised, checkpoint)
     return {"arm": arm, "seed": seed, "train_seconds": seconds, "eval_seconds": time.perf_counter() - started,
             "steps": {key: steps[key] for key in ARM_STEPS[arm]}, **scores}
-
-
-ARM_STEPS = {"supervised": ("supervised",), "joint": ("joint",), "pretrain+finetune": ("pretrain", "finetune"),
-             "pretrain-extra+finetune": ("pretrain", "supervised")}
 
 
 def budget_steps(args, costs: dict[str, float] | None) -> dict[str, int]:

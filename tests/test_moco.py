@@ -321,13 +321,19 @@ def test_two_process_gloo_run_keeps_queue_and_momentum_encoder_in_sync(tmp_path)
         torch.testing.assert_close(states[1][name], value, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.slow
-def test_label_efficiency_bench_runs_end_to_end(tmp_path, repo_root):
+def load_moco_bench(repo_root: Path):
+    """bench/bench_moco_label_efficiency.py as a module (bench/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_moco", repo_root / "bench" / "bench_moco_label_efficiency.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_label_efficiency_bench_runs_end_to_end(tmp_path, repo_root):
+    bench = load_moco_bench(repo_root)
     assert bench.main([
         "--out", str(tmp_path / "bench"), "--seeds", "0", "--iterations", "2", "--threads", "1",
         "--labelled-shape", "16", "64", "64", "--volume-shape", "16", "64", "64", "--unlabelled", "1",
@@ -341,11 +347,7 @@ def test_label_efficiency_bench_runs_end_to_end(tmp_path, repo_root):
 
 def test_label_efficiency_bench_equal_time_budget(tmp_path, repo_root):
     """--minutes turns the measured seconds per step of each mode into step counts of equal CPU time."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_moco", repo_root / "bench" / "bench_moco_label_efficiency.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_moco_bench(repo_root)
     args = argparse.Namespace(minutes=2.0, pretrain_fraction=0.25, iterations=0)
     steps = bench.budget_steps(args, {"supervised": 0.5, "joint": 1.5, "pretrain": 1.0})
     assert steps == {"supervised": 240, "joint": 80, "pretrain": 30, "finetune": 180}
@@ -354,13 +356,9 @@ def test_label_efficiency_bench_equal_time_budget(tmp_path, repo_root):
 
 
 def test_label_efficiency_bench_medulla_keeps_only_the_first_sections(tmp_path, repo_root):
-    import importlib.util
-
     if not (repo_root.parent / "shared" / "data" / "medulla" / "train").is_dir():
         pytest.skip("../shared/data/medulla is absent")
-    spec = importlib.util.spec_from_file_location("bench_moco", repo_root / "bench" / "bench_moco_label_efficiency.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_moco_bench(repo_root)
     options = bench.make_medulla(tmp_path, 5)
     train = tmp_path / "train" / "medulla_train_first5.hdf"
     with h5py.File(train, "r") as cut, h5py.File(bench.MEDULLA / "train" / "medulla_train.hdf", "r") as full:

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 from melecole.inference.affinities import offset_slices
 from melecole.inference.mws import mutex_watershed, number_of_attractive_channels
+from melecole.inference.postprocess import remove_small_segments
 
 __all__ = [
     "drop_small_fragments",
@@ -132,14 +133,9 @@ def drop_small_fragments(labels: np.ndarray, min_size: int) -> np.ndarray:
     """
     if min_size <= 1 or labels.size == 0:
         return labels
-    ids, counts = fastremap.unique(labels, return_counts=True)
-    small = ids[(counts < min_size) & (ids != 0)]
-    if len(small):
-        faces = [labels[(slice(None),) * axis + (end,)] for axis in range(labels.ndim) for end in (0, -1)]
-        small = np.setdiff1d(small, np.concatenate([fastremap.unique(face) for face in faces]))
-    if not len(small):
-        return labels
-    return fastremap.mask(labels, small)
+    faces = [labels[(slice(None),) * axis + (end,)] for axis in range(labels.ndim) for end in (0, -1)]
+    on_faces = np.concatenate([fastremap.unique(face) for face in faces])
+    return remove_small_segments(labels, min_size, keep=on_faces)
 
 
 def block_fragments(

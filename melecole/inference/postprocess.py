@@ -16,12 +16,17 @@ from scipy import ndimage
 __all__ = ["remove_small_segments", "fill_background", "postprocess_segmentation"]
 
 
-def remove_small_segments(segmentation: np.ndarray, min_size: int, in_place: bool = False) -> np.ndarray:
-    """Sets segments with fewer than ``min_size`` voxels to 0 (label 0 itself is left as is)."""
+def remove_small_segments(
+    segmentation: np.ndarray, min_size: int, in_place: bool = False, keep: np.ndarray | None = None
+) -> np.ndarray:
+    """Sets segments with fewer than ``min_size`` voxels to 0 (label 0 itself is left as is), except the
+    ids in ``keep``. Returns ``segmentation`` itself when nothing is removed."""
     if min_size <= 1:
         return segmentation
     ids, counts = fastremap.unique(segmentation, return_counts=True)
     small = ids[(counts < min_size) & (ids != 0)]
+    if keep is not None and len(small):
+        small = np.setdiff1d(small, keep)
     if len(small) == 0:
         return segmentation
     return fastremap.mask(segmentation, small, in_place=in_place)
