@@ -73,6 +73,12 @@ class BlockwiseOptions:
     def num_attractive(self) -> int:
         return number_of_attractive_channels(self.offsets)
 
+    @property
+    def fragment_channels(self) -> int:
+        """Affinity channels the fragment pass uses: the nearest-neighbour ones for ``watershed``, all
+        for ``mws`` (the long-range channels are its mutex edges)."""
+        return self.num_attractive if self.fragments == "watershed" else len(self.offsets)
+
     def to_dict(self) -> dict[str, Any]:
         return {key: (list(map(list, value)) if key == "offsets" else value) for key, value in asdict(self).items()}
 

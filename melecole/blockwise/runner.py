@@ -90,6 +90,32 @@ class DaskExecutor:
                 future.release()
 
 
+# glibc malloc of the worker processes. dask's default pre-spawn environment sets only
+# MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold at 128 kB: every array of a
+# block then comes from a fresh mmap and is page-faulted in again, which made the passes ~30-40 %
+# slower, and two workers side by side slower still (bench/RESULTS.md, blockwise speed). These values
+# are where glibc's own adaptive thresholds settle (arrays under 32 MiB reuse freed memory).
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_": 64 << 20}
+DASK_DEFAULT_TRIM = "65536"
+
+
+def worker_environment() -> dict[str, Any]:
+    """Environment of the LocalCluster's worker processes, set before they start: dask's pre-spawn
+    environment with one thread per worker (the block functions are single-threaded numpy / C++, and
+    zarr's default decoding pool would make N workers on N cores oversubscribe) and
+    :data:`MALLOC_ENVIRONMENT` unless ``distributed.nanny.pre-spawn-environ`` was given another
+    MALLOC_TRIM_THRESHOLD_ than dask's default. As always with dask, a variable already in this
+    process's environment wins over these values."""
+    import dask
+
+    environment = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}))
+    if str(environment.get("MALLOC_TRIM_THRESHOLD_", DASK_DEFAULT_TRIM)) == DASK_DEFAULT_TRIM:
+        environment.update(MALLOC_ENVIRONMENT)
+    threads = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ZARR_THREADING__MAX_WORKERS")
+    environment.update(dict.fromkeys(threads, 1))
+    return environment
+
+
 @contextlib.contextmanager
 def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float = 10.0) -> Iterator[DaskExecutor]:
     """A :class:`DaskExecutor` on a new LocalCluster (``workers`` processes, one thread each) or on the
@@ -98,6 +124,7 @@ def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float
     Raises:
         DataError: no scheduler answered at ``scheduler`` within ``timeout`` seconds.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -112,19 +139,12 @@ def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float
         with client:
             yield DaskExecutor(client)
         return
-    # One thread per worker: the block functions are single-threaded numpy / C++, and zarr decodes
-    # chunks on one thread too (its default pool would make N workers on N cores oversubscribe).
-    environment = {
-        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-        "ZARR_THREADING__MAX_WORKERS": "1",
-    }
-    with LocalCluster(
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}), LocalCluster(
         n_workers=int(workers),
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0",
         silence_logs=logging.ERROR,
-        env=environment,
     ) as cluster, Client(cluster) as client:
         # Import the block functions in every worker now, so the first pass's time is the work's.
         client.run(importlib.import_module, "melecole.blockwise.tasks")

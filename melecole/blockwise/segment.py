@@ -13,30 +13,25 @@ from melecole.blockwise.fragments import block_fragments, global_fragment_ids
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.blockwise.relabel import relabel_block
 from melecole.inference.agglomeration import LookupTable, agglomerate
+from melecole.inference.outputs import decode_probabilities
 from melecole.inference.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
 
-__all__ = ["as_probabilities", "segment_affinities", "fragments_of_block", "graph_of_block"]
-
-
-def as_probabilities(values: np.ndarray) -> np.ndarray:
-    """Stored affinities / foreground -> float32 in [0, 1] (uint8 stores round(255 p))."""
-    values = np.asarray(values)
-    if values.dtype == np.uint8:
-        return values.astype(np.float32) * np.float32(1.0 / 255.0)
-    return values.astype(np.float32, copy=False)
+__all__ = ["segment_affinities", "fragments_of_block", "graph_of_block"]
 
 
 def fragments_of_block(
     affinities: np.ndarray, foreground: np.ndarray | None, inner: tuple, index: int, plan: BlockPlan,
     options: BlockwiseOptions,
 ) -> np.ndarray:
-    """Global fragment ids (uint64, block shape) of block ``index`` from its padded inputs."""
+    """Global fragment ids (uint64, block shape) of block ``index`` from its padded inputs (all channels,
+    or only the first ``options.fragment_channels``: the others are not used)."""
+    channels = options.fragment_channels
     local = block_fragments(
-        as_probabilities(affinities),
-        options.offsets,
+        decode_probabilities(affinities[:channels]),
+        options.offsets[:channels],
         inner,
         mode=options.fragments,
-        foreground=None if foreground is None else as_probabilities(foreground),
+        foreground=None if foreground is None else decode_probabilities(foreground),
         background_threshold=options.background_threshold,
         strides=options.strides,
         interior_threshold=options.watershed_threshold,
@@ -49,8 +44,9 @@ def fragments_of_block(
 def graph_of_block(
     fragments: np.ndarray, affinities: np.ndarray, inner: tuple, options: BlockwiseOptions
 ) -> tuple[RegionGraph, np.ndarray, np.ndarray]:
-    """(edges, fragment ids, fragment sizes) of one block: fragments padded by the reach, block affinities."""
-    graph = block_region_graph(fragments, as_probabilities(affinities), options.offsets, inner)
+    """(edges, fragment ids, fragment sizes) of one block: fragments padded by the reach, block affinities
+    (stored values: uint8 or float)."""
+    graph = block_region_graph(fragments, affinities, options.offsets, inner)
     ids, sizes = fragment_sizes(fragments[tuple(inner)])
     return graph, ids, sizes
 

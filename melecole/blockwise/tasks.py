@@ -168,8 +168,10 @@ def _open_array(path: Path) -> Any:
     return zarr.open_array(str(path), mode="r+")
 
 
-def _read_inputs(job: BlockwiseJob, outer: Sequence[slice]) -> tuple[np.ndarray, np.ndarray | None]:
-    affinities = _open(job.affinities_url)[(slice(None),) + tuple(outer)]
+def _read_inputs(
+    job: BlockwiseJob, outer: Sequence[slice], channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    affinities = _open(job.affinities_url)[(slice(channels),) + tuple(outer)]
     foreground = _open(job.foreground_url)[tuple(outer)] if job.foreground_url else None
     return affinities, foreground
 
@@ -181,7 +183,7 @@ def fragments_task(job: BlockwiseJob, index: int) -> int:
     """Fragments of block ``index`` (read with the halo) -> fragments.zarr. Returns the block's voxels."""
     plan = job.plan
     outer, inner = plan.padded(index, job.options.halo)
-    affinities, foreground = _read_inputs(job, outer)
+    affinities, foreground = _read_inputs(job, outer, job.options.fragment_channels)
     fragments = fragments_of_block(affinities, foreground, inner, index, plan, job.options)
     _open_array(job.path / "fragments.zarr")[plan.box(index)] = fragments
     mark_done(job, "fragments", index)

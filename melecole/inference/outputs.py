@@ -103,6 +103,14 @@ def encode_probabilities(values: np.ndarray, dtype: Any) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+def decode_probabilities(values: np.ndarray) -> np.ndarray:
+    """Stored probabilities -> float32 in [0, 1]: uint8 round(255 p) is scaled back, floats are cast."""
+    values = np.asarray(values)
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) * np.float32(1.0 / 255.0)
+    return values.astype(np.float32, copy=False)
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's content, read in 4 MiB blocks."""
     digest = hashlib.sha256()

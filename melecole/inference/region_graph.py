@@ -17,8 +17,13 @@ import fastremap
 import numpy as np
 
 from melecole.inference.mws import number_of_attractive_channels
+from melecole.inference.outputs import decode_probabilities
 
 __all__ = ["RegionGraph", "block_region_graph", "fragment_sizes", "reduce_graphs"]
+
+# Blocks with n local ids count edges in a dense n * n table up to this size (8 M entries: 64 MB per
+# statistic), and sort the pair keys beyond it.
+DENSE_KEYS = 1 << 23
 
 _FIELDS = ("u", "v", "attractive_sum", "attractive_count", "long_range_sum", "long_range_count")
 
@@ -59,22 +64,28 @@ class RegionGraph:
 
 
 def _pair_keys(
-    local: np.ndarray, affinities: np.ndarray, offset: Sequence[int], inner: Sequence[slice], background: int
+    local: np.ndarray, affinities: np.ndarray, offset: Sequence[int], inner: Sequence[slice], n: int,
+    background: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keys min(u, v) * n + max(u, v) (local ids) and affinities of the pairs (p, p + offset), p in inner."""
+    """Keys min(u, v) * n + max(u, v) of the pairs (p, p + offset), p in inner, of two different
+    fragments (local ids; 0 = background, when ``background``: pairs with it are left out), and their
+    affinities (uint8 decoded to float32)."""
     shape = local.shape
     source, target, values = [], [], []
-    for o, s, n in zip(offset, inner, shape):
-        start, stop = max(s.start, -o), min(s.stop, n - o)
+    for o, s, size in zip(offset, inner, shape):
+        start, stop = max(s.start, -o), min(s.stop, size - o)
         source.append(slice(start, max(start, stop)))
         target.append(slice(start + o, max(start, stop) + o))
         values.append(slice(start - s.start, max(start, stop) - s.start))
     u = local[tuple(source)]
     v = local[tuple(target)]
-    keep = (u != v) & (u != background) & (v != background)
+    keep = u != v
+    if background:
+        keep &= u != 0
+        keep &= v != 0
     u, v = u[keep].astype(np.int64), v[keep].astype(np.int64)
-    n = int(local.max()) + 1 if local.size else 1
-    return np.minimum(u, v) * n + np.maximum(u, v), affinities[tuple(values)][keep]
+    pairs = affinities[tuple(values)][keep]
+    return np.minimum(u, v) * n + np.maximum(u, v), decode_probabilities(pairs) if pairs.dtype == np.uint8 else pairs
 
 
 def block_region_graph(
@@ -90,37 +101,52 @@ def block_region_graph(
     Args:
         fragments: (Z, Y, X) global fragment ids of the block plus a halo of at least the offsets'
             reach (clipped at the volume border, so a pair is valid iff it stays inside this array).
-        affinities: (C, z, y, x) float in [0, 1] of the block only (``fragments[inner]``).
+        affinities: (C, z, y, x) of the block only (``fragments[inner]``): float in [0, 1], or uint8
+            round(255 a) as stored (decoded pair by pair, to the same values as the whole block).
         offsets: C offsets, nearest-neighbour first.
         inner: the block's slices inside ``fragments``.
         mws_weights: ``affinities`` holds the mutex watershed's edge weights instead
             (:func:`melecole.inference.mws.mws_weights`: 1 - a on long-range channels); the statistics
             are of the affinities either way.
     """
-    ids = fastremap.unique(fragments)  # sorted: local order = global order, so u < v carries over
-    local = fastremap.remap(fragments, {int(i): n for n, i in enumerate(ids)}).astype(np.int64)
-    background = 0 if len(ids) and ids[0] == 0 else -1
+    # Local ids 1..n-1 in the smallest dtype (0 stays background): the pair masks below touch every
+    # voxel 12 times, so a uint16 / uint32 array moves 4 / 2x less memory than the uint64 ids.
+    local, mapping = fastremap.renumber(np.asarray(fragments), preserve_zero=True)
+    n = len(mapping) + (0 not in mapping)
+    global_ids = np.zeros(n, np.uint64)
+    global_ids[np.fromiter(mapping.values(), np.int64, len(mapping))] = np.fromiter(mapping, np.uint64, len(mapping))
     num_attractive = number_of_attractive_channels(offsets)
     keys: list[list[np.ndarray]] = [[], []]
     values: list[list[np.ndarray]] = [[], []]
     for channel, offset in enumerate(offsets):
         kind = 0 if channel < num_attractive else 1
-        key, value = _pair_keys(local, affinities[channel], [int(o) for o in offset], inner, background)
+        key, value = _pair_keys(local, affinities[channel], [int(o) for o in offset], inner, n, 0 in mapping)
         keys[kind].append(key)
         value = value.astype(np.float64)
         values[kind].append(1.0 - value if kind == 1 and mws_weights else value)
     flat_keys = [np.concatenate(k) if k else np.zeros(0, np.int64) for k in keys]
-    unique = np.unique(np.concatenate(flat_keys))
+    flat_values = [np.concatenate(v) if v else np.zeros(0) for v in values]
+    if n * n <= DENSE_KEYS:
+        # Few fragments: count straight into the n * n key space (no sort). Sums add the same values
+        # in the same order as the sorted path below, so both give identical floats.
+        dense = [(np.bincount(k, weights=w, minlength=n * n), np.bincount(k, minlength=n * n))
+                 for k, w in zip(flat_keys, flat_values)]
+        unique = np.flatnonzero(dense[0][1] + dense[1][1])
+        stats = [column[unique] for pair in dense for column in pair]
+    else:
+        unique = np.unique(np.concatenate(flat_keys))
+        where = [np.searchsorted(unique, k) for k in flat_keys]
+        stats = [
+            column for w, value in zip(where, flat_values)
+            for column in (np.bincount(w, weights=value, minlength=len(unique)), np.bincount(w, minlength=len(unique)))
+        ]
     if len(unique) == 0:
         return RegionGraph.empty()
-    stats = []
-    for kind in range(2):
-        where = np.searchsorted(unique, flat_keys[kind])
-        weights = np.concatenate(values[kind]) if values[kind] else np.zeros(0)
-        stats.append(np.bincount(where, weights=weights, minlength=len(unique)))
-        stats.append(np.bincount(where, minlength=len(unique)).astype(np.int64))
-    n = int(local.max()) + 1
-    return RegionGraph(ids[unique // n].astype(np.uint64), ids[unique % n].astype(np.uint64), *stats)
+    stats = [stat.astype(np.int64) if stat.dtype.kind == "i" else stat for stat in stats]
+    first, second = global_ids[unique // n], global_ids[unique % n]
+    u, v = np.minimum(first, second), np.maximum(first, second)
+    order = np.lexsort((v, u))  # local ids follow first appearance: sort by global (u, v)
+    return RegionGraph(u[order], v[order], *(stat[order] for stat in stats))
 
 
 def fragment_sizes(fragments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

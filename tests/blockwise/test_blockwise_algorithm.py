@@ -9,12 +9,13 @@ from conftest import noisy_affinities, voronoi_labels
 from melecole.blockwise.fragments import block_fragments, drop_small_fragments, global_fragment_ids
 from melecole.blockwise.plan import BlockPlan, build_options
 from melecole.blockwise.relabel import relabel_block
-from melecole.blockwise.segment import segment_affinities
+from melecole.blockwise.segment import fragments_of_block, segment_affinities
 from melecole.errors import ConfigError
 from melecole.evaluation import evaluate_segmentation
 from melecole.inference.affinities import affinities_from_labels
 from melecole.inference.agglomeration import LookupTable, agglomerate, graph_mutex_watershed
 from melecole.inference.mws import mutex_watershed
+from melecole.inference.outputs import decode_probabilities
 from melecole.inference.postprocess import postprocess_segmentation
 from melecole.inference.region_graph import RegionGraph, block_region_graph, reduce_graphs
 
@@ -68,6 +69,32 @@ def test_region_graph_across_block_faces_equals_one_block():
     np.testing.assert_allclose(reduced.long_range_sum, whole.long_range_sum, rtol=1e-12)
 
 
+def _same_graph(a: RegionGraph, b: RegionGraph) -> None:
+    for name in ("u", "v", "attractive_sum", "attractive_count", "long_range_sum", "long_range_count"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_region_graph_of_stored_uint8_and_both_counting_paths_agree(monkeypatch):
+    import melecole.inference.region_graph as region_graph
+
+    rng = np.random.default_rng(4)
+    # Ids out of order and far apart (local ids follow first appearance), background 0 in places.
+    labels = (voronoi_labels((8, 20, 20), seeds=15, seed=5).astype(np.uint64) * 1_000_003) % 7919
+    labels[:, :3, :3] = 0
+    offsets = NEAREST + [[-2, 0, 0], [0, -5, 0], [1, 0, -5]]
+    stored = rng.integers(0, 256, (len(offsets), 6, 16, 14), dtype=np.uint8)
+    inner = (slice(1, 7), slice(2, 18), slice(3, 17))
+    dense = block_region_graph(labels, stored, offsets, inner)
+    decoded = block_region_graph(labels, decode_probabilities(stored), offsets, inner)
+    monkeypatch.setattr(region_graph, "DENSE_KEYS", 0)  # force the sorted path
+    sorted_path = block_region_graph(labels, stored, offsets, inner)
+    assert len(dense) > 20 and 0 not in dense.u
+    assert np.all(dense.u < dense.v) and np.all(np.diff(dense.u.astype(np.int64)) >= 0)  # sorted by (u, v)
+    assert dense.attractive_sum.dtype == np.float64 and dense.long_range_count.dtype == np.int64
+    _same_graph(dense, decoded)
+    _same_graph(dense, sorted_path)
+
+
 def _graph(u, v, attractive, long_range) -> RegionGraph:
     count = lambda values: np.array([0 if a is None else 1 for a in values], dtype=np.int64)  # noqa: E731
     total = lambda values: np.array([0.0 if a is None else a for a in values])  # noqa: E731
@@ -115,6 +142,20 @@ def test_lookup_and_relabel_with_fill():
     assert relabel_block(fragments, table, inner, fill=False).tolist() == [[[1, 0, 0, 2]]]
     filled = relabel_block(fragments, table, inner, fill=True)
     assert 0 not in filled and filled[0, 0, 0] == 1 and filled[0, 0, 3] == 2
+
+
+def test_watershed_fragments_read_only_the_nearest_neighbour_channels(blockwise_cfg):
+    labels = voronoi_labels()
+    offsets = blockwise_cfg.INFERENCE.OFFSETS
+    affinities = noisy_affinities(labels, offsets, noise=0.1)
+    plan = BlockPlan(labels.shape, (8, 16, 16))
+    options = {mode: build_options(blockwise_cfg, fragments=mode) for mode in ("mws", "watershed")}
+    assert options["mws"].fragment_channels == len(offsets) > 3 == options["watershed"].fragment_channels
+    outer, inner = plan.padded(5, options["watershed"].halo)
+    block = affinities[(slice(None),) + outer]
+    full = fragments_of_block(block, None, inner, 5, plan, options["watershed"])
+    np.testing.assert_array_equal(fragments_of_block(block[:3], None, inner, 5, plan, options["watershed"]), full)
+    assert full.shape == (8, 16, 16) and len(np.unique(full)) > 3
 
 
 @pytest.mark.parametrize("mode", ["mws", "watershed"])

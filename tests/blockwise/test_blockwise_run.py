@@ -16,7 +16,14 @@ import pytest
 
 from melecole.blockwise.__main__ import main
 from melecole.blockwise.plan import build_options
-from melecole.blockwise.runner import DaskExecutor, SerialExecutor, segment_blockwise, work_folder
+from melecole.blockwise.runner import (
+    DaskExecutor,
+    SerialExecutor,
+    dask_executor,
+    segment_blockwise,
+    work_folder,
+    worker_environment,
+)
 from melecole.blockwise.segment import segment_affinities
 from melecole.io.volumes import open_volume, parse_volume_url
 
@@ -129,6 +136,28 @@ def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, reference, cap
     volume = open_volume(f"{output}:seg")
     assert volume.dtype == np.uint64 and volume.chunks == (8, 16, 16)
     np.testing.assert_array_equal(volume.read(), reference)  # foreground of ones changes nothing
+
+
+def test_worker_environment_keeps_glibc_thresholds_unless_configured():
+    import dask
+
+    environment = worker_environment()
+    assert environment["MALLOC_MMAP_THRESHOLD_"] == 32 << 20 and environment["MALLOC_TRIM_THRESHOLD_"] == 64 << 20
+    assert environment["OMP_NUM_THREADS"] == environment["ZARR_THREADING__MAX_WORKERS"] == 1
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 0}):
+        custom = worker_environment()
+    assert custom["MALLOC_TRIM_THRESHOLD_"] == 0 and "MALLOC_MMAP_THRESHOLD_" not in custom
+
+
+@pytest.mark.slow
+def test_local_cluster_workers_start_with_that_environment(monkeypatch):
+    # dask lets the driver's environment win; an earlier LocalCluster of this process (the dask_client
+    # fixture) left dask's own MALLOC_TRIM_THRESHOLD_ there.
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_executor(1) as executor:
+        names = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+        seen = executor.client.run(lambda: {name: os.environ.get(name) for name in names})
+    assert list(seen.values()) == [{"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "OMP_NUM_THREADS": "1"}]
 
 
 def _free_port() -> int:
