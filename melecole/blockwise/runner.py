@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import logging
 import os
@@ -26,6 +25,7 @@ from melecole.blockwise.tasks import (
     agglomerate_task,
     fragments_task,
     graph_task,
+    import_block_functions,
     is_done,
     json_safe,
     prepare_workdir,
@@ -147,7 +147,7 @@ def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         # Import the block functions in every worker now, so the first pass's time is the work's.
-        client.run(importlib.import_module, "melecole.blockwise.tasks")
+        client.run(import_block_functions)
         yield DaskExecutor(client)
 
 

@@ -18,6 +18,7 @@ Work folder (beside the output, removed after the output is committed)::
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import uuid
@@ -48,9 +49,14 @@ __all__ = [
     "agglomerate_task",
     "relabel_task",
     "BLOCK_PASSES",
+    "import_block_functions",
 ]
 
 BLOCK_PASSES = ("fragments", "graph", "relabel")
+
+# What the block functions import on first use (C++ extensions, stores): ~0.2 s that the first block of
+# every worker would pay, in each run's critical path.
+LAZY_IMPORTS = ("zarr", "h5py", "bioimage_cpp.segmentation", "bioimage_cpp.graph.mutex_watershed")
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,12 @@ def _read_inputs(
 
 
 # -------------------------------------------------------------------------------------- tasks
+
+
+def import_block_functions() -> None:
+    """Imports this module's task functions and :data:`LAZY_IMPORTS` (a worker runs it when it starts)."""
+    for name in LAZY_IMPORTS:
+        importlib.import_module(name)
 
 
 def fragments_task(job: BlockwiseJob, index: int) -> int:
