@@ -21,9 +21,9 @@ from melecole.inference.outputs import decode_probabilities
 
 __all__ = ["RegionGraph", "block_region_graph", "fragment_sizes", "reduce_graphs"]
 
-# Blocks with n local ids count edges in a dense n * n table up to this size (8 M entries: 64 MB per
-# statistic), and sort the pair keys beyond it.
-DENSE_KEYS = 1 << 23
+# Blocks with n local ids count edges in a dense n * n table up to this size (n <= 2048: 32 MB per
+# statistic, 5 at once), and sort the pair keys beyond it.
+DENSE_KEYS = 1 << 22
 
 _FIELDS = ("u", "v", "attractive_sum", "attractive_count", "long_range_sum", "long_range_count")
 
