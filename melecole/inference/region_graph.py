@@ -126,23 +126,23 @@ def block_region_graph(
         values[kind].append(1.0 - value if kind == 1 and mws_weights else value)
     flat_keys = [np.concatenate(k) if k else np.zeros(0, np.int64) for k in keys]
     flat_values = [np.concatenate(v) if v else np.zeros(0) for v in values]
-    if n * n <= DENSE_KEYS:
+    dense = n * n <= DENSE_KEYS
+    if dense:
         # Few fragments: count straight into the n * n key space (no sort). Sums add the same values
-        # in the same order as the sorted path below, so both give identical floats.
-        dense = [(np.bincount(k, weights=w, minlength=n * n), np.bincount(k, minlength=n * n))
-                 for k, w in zip(flat_keys, flat_values)]
-        unique = np.flatnonzero(dense[0][1] + dense[1][1])
-        stats = [column[unique] for pair in dense for column in pair]
+        # in the same order as the sorted path, so both give identical floats.
+        where, size = flat_keys, n * n
     else:
         unique = np.unique(np.concatenate(flat_keys))
-        where = [np.searchsorted(unique, k) for k in flat_keys]
-        stats = [
-            column for w, value in zip(where, flat_values)
-            for column in (np.bincount(w, weights=value, minlength=len(unique)), np.bincount(w, minlength=len(unique)))
-        ]
+        where, size = [np.searchsorted(unique, k) for k in flat_keys], len(unique)
+    stats = [
+        column for w, value in zip(where, flat_values)
+        for column in (np.bincount(w, weights=value, minlength=size), np.bincount(w, minlength=size).astype(np.int64))
+    ]
+    if dense:
+        unique = np.flatnonzero(stats[1] + stats[3])
+        stats = [stat[unique] for stat in stats]
     if len(unique) == 0:
         return RegionGraph.empty()
-    stats = [stat.astype(np.int64) if stat.dtype.kind == "i" else stat for stat in stats]
     first, second = global_ids[unique // n], global_ids[unique % n]
     u, v = np.minimum(first, second), np.maximum(first, second)
     order = np.lexsort((v, u))  # local ids follow first appearance: sort by global (u, v)
