@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import datetime
 import math
 import os
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 from yacs.config import CfgNode as CN
 
-from melecole.config import apply_overrides, cfg_from_yaml_text
+from melecole.config import apply_overrides
 from melecole.engine.checkpoint import (
     check_model_compatible,
     checkpoint_cfg,
@@ -38,7 +36,16 @@ from melecole.engine.checkpoint import (
 from melecole.engine.launch import sigterm_as_interrupt
 from melecole.engine.loaders import build_training_loader
 from melecole.engine.optim import build_optimizer, build_scheduler
-from melecole.errors import CheckpointError, ConfigError, MeLeCoLeError
+from melecole.engine.run_folder import (
+    RUN_MARKER,
+    adopt_or_refuse_run_dir,
+    check_no_later_checkpoints,
+    check_resumable_folder,
+    make_run_dir,
+    remove_stale_temporary_files,
+    resume_run_dir,
+)
+from melecole.errors import CheckpointError, ConfigError
 from melecole.losses import build_objective
 from melecole.utils import comm
 from melecole.utils.device import configure_threads, resolve_device
@@ -59,9 +66,6 @@ __all__ = [
 
 # Losses averaged into the checkpoint's "mean_loss_recent" (the last this many iterations).
 RECENT_LOSSES = 50
-# Temporary files that this library's atomic writes leave when killed: ".<name>.<random>.tmp".
-_TEMPORARY_FILE = re.compile(r"^\.(config\.yaml|last\.pt|iter_\d+\.pt)\.[A-Za-z0-9_]+\.tmp$")
-_CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pt$")
 
 
 def seed_everything(seed: int) -> None:
@@ -88,23 +92,13 @@ def set_rng_state(state: dict | None) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_run_dir(cfg: CN) -> Path:
-    """OUTPUT_PATH/<RUN_NAME>-<YYYYmmdd-HHMMSS>/ (a suffix is added if that folder exists)."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.LOG.OUTPUT_PATH) / f"{cfg.LOG.RUN_NAME}-{stamp}"
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-        suffix += 1
-    (run_dir / "checkpoints").mkdir(parents=True)
-    return run_dir
-
-
 def resume_config(resume: str | Path, opts: list[str] | None = None) -> tuple[CN, dict]:
     """The stored config of a run (or checkpoint) to resume, with ``opts`` overrides applied.
 
-    Model-shaping keys cannot be overridden on resume.
+    Model-shaping keys cannot be overridden on resume. A run folder of the library that never saved a
+    checkpoint is explained (and its stale temporary files removed) by ``check_resumable_folder``.
     """
+    check_resumable_folder(resume)
     checkpoint = load_checkpoint(resume)
     stored = checkpoint_cfg(checkpoint)
     cfg = apply_overrides(stored, opts)
@@ -114,71 +108,15 @@ def resume_config(resume: str | Path, opts: list[str] | None = None) -> tuple[CN
     return cfg, checkpoint
 
 
-def _is_run_dir(folder: Path) -> bool:
-    """A run folder of this library: a readable config.yaml of ours beside checkpoints/."""
-    config = folder / "config.yaml"
-    if not (folder / "checkpoints").is_dir() or not config.is_file():
-        return False
-    try:
-        cfg_from_yaml_text(config.read_text(encoding="utf-8"), source=str(config))
-    except (MeLeCoLeError, OSError, UnicodeDecodeError):
-        return False
-    return True
-
-
-def resume_run_dir(checkpoint: dict) -> Path:
-    """The run folder that a resumed checkpoint continues: RUN for RUN/checkpoints/<name>.pt.
-
-    Raises CheckpointError when the checkpoint does not lie in a run folder of this library (so
-    nothing is written into a folder the library did not make), or when the run already holds
-    later checkpoints (resuming would overwrite them).
-    """
-    path = Path(checkpoint["path"]).resolve()
-    run_dir = path.parent.parent
-    if path.parent.name != "checkpoints" or not _is_run_dir(run_dir):
-        raise CheckpointError(
-            f"--resume '{checkpoint['path']}': not inside a run folder of this library "
-            "(RUN/checkpoints/<name>.pt beside RUN/config.yaml), expected a run folder or one of its "
-            "checkpoints; to start a new run from these weights use --supervised_checkpoint"
-        )
-    check_no_later_checkpoints(run_dir, int(checkpoint["iteration"]), checkpoint["path"])
-    return run_dir
-
-
-def check_no_later_checkpoints(run_dir: Path, iteration: int, source: str) -> None:
-    """CheckpointError if ``run_dir/checkpoints`` holds an iter_<N>.pt with N > ``iteration``."""
-    folder = Path(run_dir) / "checkpoints"
-    later = sorted(
-        (int(match.group(1)), path.name)
-        for path in (folder.iterdir() if folder.is_dir() else [])
-        if (match := _CHECKPOINT_NAME.match(path.name)) and int(match.group(1)) > iteration
-    )
-    if later:
-        raise CheckpointError(
-            f"--resume '{source}': iteration {iteration}, but run folder '{run_dir}' already has the later "
-            f"checkpoint(s) {', '.join(name for _, name in later)}, expected the latest one (resume from the "
-            "run folder), or start a new run from it with --supervised_checkpoint"
-        )
-
-
-def remove_stale_temporary_files(run_dir: Path) -> list[Path]:
-    """Removes the temporary files that killed atomic writes of this library left in a run folder."""
-    removed = []
-    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        for path in folder.glob(".*.tmp") if folder.is_dir() else []:
-            if _TEMPORARY_FILE.match(path.name) and path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
 class Trainer:
     """Trains ``build_model(cfg)`` with the objective of LOSS.* / MOCO.* on CPU or GPU.
 
     Args:
         cfg: frozen config.
         run_dir: folder for config.yaml, log.txt, tensorboard/ and checkpoints/; made if None
-            (after the data has been read, so a data error leaves no run folder behind).
+            (after the data has been read, so a data error leaves no run folder behind). An existing
+            folder must be a run folder of MeLeCoLe or hold none of those names
+            (:mod:`melecole.engine.run_folder`); it gets the marker ``.melecole-run.json``.
         resume_checkpoint: a loaded checkpoint dict to continue exactly (weights, optimizer,
             scheduler, scaler, objective state, iteration, RNG); its run folder is reused when
             run_dir is None (it must be a run folder of this library, without later checkpoints).
@@ -236,7 +174,7 @@ class Trainer:
         self.train_loader = build_training_loader(cfg, self.iteration, self.rank, self.world_size)
         validate = self.is_main and cfg.LOG.VAL_FREQUENCY > 0 and not pretrain
         self.val_batches = build_val_batches(cfg, rank=0) if validate else []
-        self.run_dir = self._open_run_dir(run_dir)
+        self.run_dir = self._open_run_dir(run_dir, resume_checkpoint)
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -276,12 +214,21 @@ class Trainer:
             self.logger.info("initialised the backbone from %s (fresh heads: %s)", ssl_checkpoint, len(fresh))
         return model
 
-    def _open_run_dir(self, run_dir: str | Path | None) -> Path | None:
+    def _open_run_dir(self, run_dir: str | Path | None, resume_checkpoint: dict | None) -> Path | None:
         """Rank 0 makes (or reuses) the run folder, writes config.yaml and starts log.txt; every rank
-        gets rank 0's folder (its timestamp may differ from another rank's)."""
+        gets rank 0's folder (its timestamp may differ from another rank's).
+
+        A reused folder must be a run folder of MeLeCoLe (``adopt_or_refuse_run_dir``): nothing is
+        written into a folder that holds files the library did not write.
+        """
         if self.is_main:
+            stored_config = resume_checkpoint.get("config") if resume_checkpoint is not None else None
             try:
-                run_dir = Path(run_dir) if run_dir is not None else make_run_dir(self.cfg)
+                if run_dir is None:
+                    run_dir, how = make_run_dir(self.cfg), "new"
+                else:
+                    run_dir = Path(run_dir)
+                    how = adopt_or_refuse_run_dir(run_dir, stored_config)
                 (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
                 removed = remove_stale_temporary_files(run_dir)
                 atomic_write_text(run_dir / "config.yaml", self.cfg.dump())
@@ -292,6 +239,8 @@ class Trainer:
                     f"{where}: cannot write the run folder ({error.strerror or error}: {error.filename}), "
                     "expected a writable folder"
                 ) from None
+            if how == "adopted":
+                self.logger.info("run folder of an earlier MeLeCoLe version: marked it as ours (%s)", RUN_MARKER)
             if removed:
                 self.logger.info("removed %d stale temporary file(s) of an interrupted write", len(removed))
         if self.world_size > 1:

@@ -172,6 +172,7 @@ def _read_labels(
     }
     _require_integer_labels(gt, "ground truth", gt_path, gt_key_used)
     _require_integer_labels(segmentation, "segmentation", segmentation_path, segmentation_key_used)
+    _require_labelled_voxels(gt, gt_path, gt_key_used)
     return gt, gt_key_used, segmentation, segmentation_key_used, described
 
 
@@ -189,11 +190,39 @@ def _require_integer_labels(array: np.ndarray, role: str, path: Path, key: str) 
             )
 
 
+def _require_labelled_voxels(gt: np.ndarray, path: Path, key: str) -> None:
+    """Raises DataError when the ground truth ``path`` [``key``] has no voxel with an object id (> 0)."""
+    if not gt.any():
+        found = f"all {gt.size} voxels are 0 = boundary / unlabelled" if gt.size else "the dataset is empty"
+        raise DataError(
+            f"ground truth {path} [{key}]: no labelled voxel ({found}), expected at least one voxel with an "
+            "object id > 0 (another file, or another dataset with --gt-key?)"
+        )
+
+
 def _evaluate_volume(
-    name: str, segmentation: np.ndarray, gt: np.ndarray, *, log_base: float, top_k: int, compat_original: bool
+    name: str,
+    segmentation: np.ndarray,
+    gt: np.ndarray,
+    *,
+    sources: tuple[str, str],
+    log_base: float,
+    top_k: int,
+    compat_original: bool,
 ) -> EvaluatedVolume:
-    """Contingency table and scores of one (Z, Y, X) segmentation against the aligned GT."""
+    """Contingency table and scores of one (Z, Y, X) segmentation against the aligned GT.
+
+    ``sources``: ("<role> <file> [<key>]" of the segmentation, the same of the ground truth), named
+    when no voxel is left to evaluate.
+    """
     table = build_table(segmentation, gt, compat_original=compat_original)
+    if table.n_voxels == 0:
+        volume, truth = sources
+        if compat_original and gt.any():
+            why = f"every labelled voxel of {truth} is 0 in {volume}, and --compat-original ignores voxels 0"
+        else:
+            why = f"{truth} has no labelled voxel where it overlaps {volume} (after center-cropping)"
+        raise DataError(f"{volume}: no voxel to evaluate ({why}), expected labelled voxels in both volumes")
     scores = scores_from_table(table, log_base=log_base, top_k=top_k, compat_original=compat_original)
     return EvaluatedVolume(name, scores, table)
 
@@ -206,12 +235,14 @@ def _evaluate_baseline(
     threshold: float,
     scoring: dict[str, Any],
     *,
+    scoring_sources: tuple[str, str],
     described: dict[str, str],
     notes: list[str],
 ) -> tuple[EvaluatedVolume, str]:
     """Scores the connected-components baseline of a membranes / foreground file against ``gt``.
 
-    Adds the file's description to ``described`` and any alignment note to ``notes``.
+    Adds the file's description to ``described`` and any alignment note to ``notes``;
+    ``scoring_sources`` names the segmentation and ground truth (see :func:`_evaluate_volume`).
 
     Returns:
         ``(baseline result, membranes key actually read)``.
@@ -228,7 +259,8 @@ def _evaluate_baseline(
         notes.append("alignment: " + baseline_alignment.describe("membranes", "ground truth"))
     baseline = connected_components_baseline(probability, threshold)
     name = f"CC baseline (p > {threshold:g})"
-    return _evaluate_volume(name, baseline, gt_for_baseline, **scoring), membranes_key_used
+    sources = (f"CC baseline of membranes {membranes_path} [{membranes_key_used}]", scoring_sources[1])
+    return _evaluate_volume(name, baseline, gt_for_baseline, sources=sources, **scoring), membranes_key_used
 
 
 def evaluate_files(
@@ -252,8 +284,9 @@ def evaluate_files(
     :func:`align_to_gt`: a volume larger than the other by a symmetric padding is center-cropped.
 
     Raises:
-        DataError: unreadable inputs, shapes that do not fit, negative ground-truth ids, or a
-            segmentation and membranes file from different inference runs (fingerprints differ).
+        DataError: unreadable inputs, shapes that do not fit, negative ground-truth ids, a ground truth
+            without labelled voxels (or none left after alignment), or a segmentation and membranes
+            file from different inference runs (fingerprints differ).
     """
     gt_path, segmentation_path = Path(gt_path), Path(segmentation_path)
     check_same_fingerprint({"--segmentation": segmentation_path, "--membranes": membranes_path})
@@ -280,11 +313,13 @@ def evaluate_files(
         "described": described,
     }
     scoring = {"log_base": log_base, "top_k": top_k, "compat_original": compat_original}
-    results = [_evaluate_volume("segmentation", segmentation, gt_for_segmentation, **scoring)]
+    sources = (f"segmentation {segmentation_path} [{segmentation_key_used}]", f"ground truth {gt_path} [{gt_key_used}]")
+    results = [_evaluate_volume("segmentation", segmentation, gt_for_segmentation, sources=sources, **scoring)]
     if membranes_path is not None:
         membranes_path = Path(membranes_path)
         baseline, membranes_key_used = _evaluate_baseline(
-            membranes_path, membranes_key, gt, gt_path, threshold, scoring, described=described, notes=notes
+            membranes_path, membranes_key, gt, gt_path, threshold, scoring, scoring_sources=sources,
+            described=described, notes=notes,
         )
         results.append(baseline)
         inputs.update(membranes=str(membranes_path), membranes_key=membranes_key_used, threshold=threshold)
