@@ -117,28 +117,33 @@ def plan_prediction(
     )
 
 
-def prepare_prediction(job: PredictionJob, resume: bool) -> int:
+def prepare_prediction(job: PredictionJob, resume: bool, overwrite: bool = False, what: str = "--output") -> int:
     """Creates (or, with ``resume`` and the same manifest, keeps) the prediction folder.
 
-    Returns the number of blocks already predicted. Without ``resume`` an old folder is replaced.
+    Returns the number of blocks already predicted. With ``overwrite`` an old folder's work files are
+    removed; a folder that holds anything else is never touched.
 
     Raises:
-        DataError: ``resume`` finds a folder made with another checkpoint, input or options.
+        DataError: an interrupted prediction without ``resume`` / ``overwrite``, or ``resume`` finds a
+            folder made with another checkpoint, input or options.
     """
-    import shutil
-
+    from melecole.blockwise.output import clear_work_folder
     from melecole.inference.chunked import storage_chunks_for
 
     manifest = read_manifest(job.path)
     expected = json_safe(job.manifest())
+    if manifest is not None and not resume and not overwrite:
+        raise DataError(
+            f"{job.path}: an interrupted prediction of this output, expected --resume to finish it or --overwrite"
+        )
     if manifest is not None and resume and manifest != expected:
         raise DataError(
             f"{job.path}: the interrupted prediction used another checkpoint, input or options, expected the "
             "same command (or --overwrite to start again)"
         )
     fresh = manifest is None or not resume
-    if fresh and job.path.exists():
-        shutil.rmtree(job.path)
+    if fresh:
+        clear_work_folder(job.path, what)
     (job.path / "done" / PREDICT_PASS).mkdir(parents=True, exist_ok=True)
     storage = storage_chunks_for(job.block_shape)
     channels = len(job.options.offsets)

@@ -12,13 +12,22 @@ import functools
 import importlib.util
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from melecole.blockwise.output import (
+    OutputTarget,
+    absolute_url,
+    check_flags,
+    check_target,
+    clear_work_folder,
+    commit_output,
+    complete_line,
+    output_state,
+    output_target,
+)
 from melecole.blockwise.plan import BlockwiseOptions
 from melecole.blockwise.tasks import (
     BlockwiseJob,
@@ -29,11 +38,11 @@ from melecole.blockwise.tasks import (
     is_done,
     json_safe,
     prepare_workdir,
-    read_manifest,
     relabel_task,
 )
-from melecole.errors import ConfigError, DataError
-from melecole.io.volumes import VolumeURL, open_volume, parse_volume_url
+from melecole.errors import DataError
+from melecole.io.ownership import OutputLock
+from melecole.io.volumes import VolumeURL, open_volume
 from melecole.utils.progress import progress_bar
 
 __all__ = [
@@ -43,7 +52,6 @@ __all__ = [
     "PassSummary",
     "run_job",
     "run_pass",
-    "check_output",
     "report_dashboard",
     "plan_job",
     "segment_blockwise",
@@ -212,13 +220,7 @@ def run_job(
 
 def work_folder(output: VolumeURL) -> Path:
     """The work folder of an output: a hidden sibling of the zarr root."""
-    root = Path(output.path)
-    suffix = f"-{output.key.replace('/', '-')}" if output.key else ""
-    return root.parent / f".{root.name}{suffix}.blockwise"
-
-
-def _final_path(output: VolumeURL) -> Path:
-    return Path(output.path) / output.key if output.key else Path(output.path)
+    return OutputTarget(output.path, output).workdir
 
 
 def _check_inputs(
@@ -244,39 +246,6 @@ def _check_inputs(
     return shape, tuple(resolution)  # type: ignore[return-value]
 
 
-def _parse_output(output_url: str) -> VolumeURL:
-    try:
-        parsed = parse_volume_url(output_url)
-    except DataError:
-        parsed = None
-    if parsed is None or parsed.format != "zarr":
-        raise ConfigError(f"--output '{output_url}': not a zarr URL, expected a zarr folder (x.zarr or x.zarr:key)")
-    return parsed
-
-
-def check_output(output_url: str, *, resume: bool = False, overwrite: bool = False) -> bool:
-    """Checks the output flags against what exists; True when ``resume`` finds the output complete.
-
-    Raises:
-        ConfigError: both flags, or an output URL that is not zarr.
-        DataError: an existing output or interrupted run without ``resume`` / ``overwrite``.
-    """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite: give one of them")
-    output = _parse_output(output_url)
-    final, workdir = _final_path(output), work_folder(output)
-    manifest = read_manifest(workdir)
-    if overwrite:
-        return False
-    if final.exists() and manifest is None:
-        if resume:
-            return True
-        raise DataError(f"--output '{output_url}': already exists, expected --resume or --overwrite to replace it")
-    if manifest is not None and not resume:
-        raise DataError(f"{workdir}: an interrupted run of this output, expected --resume to finish it or --overwrite")
-    return False
-
-
 def report_dashboard(executor: Any, report: Callable[[str], None]) -> None:
     """Prints the dask dashboard address when the executor has one."""
     if executor.dashboard:
@@ -290,57 +259,24 @@ def plan_job(
     options: BlockwiseOptions,
     *,
     foreground_url: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> tuple[BlockwiseJob | None, Path]:
-    """Checks inputs and output and prepares the job (before any cluster starts).
+    inputs: Mapping[str, str | None] | None = None,
+) -> tuple[BlockwiseJob, OutputTarget]:
+    """Checks inputs and output (nothing is created) -> the job and its output.
 
-    Returns:
-        (job, final output path); job is None when ``resume`` finds the output already complete.
+    ``inputs``: further inputs ({flag: URL}) the output must stay apart from (``infer.py``'s raw).
 
     Raises:
-        DataError / ConfigError: missing or mismatched inputs, an existing output or interrupted run
-            without ``resume`` / ``overwrite``, or a resume with different inputs or options.
+        DataError / ConfigError: missing or mismatched inputs, an output that is not zarr, overlaps an
+            input or lies in a folder that cannot be written.
     """
-    output = _parse_output(output_url)
+    target = output_target(output_url)
     shape, resolution = _check_inputs(affinities_url, foreground_url, options.offsets)
-    final, workdir = _final_path(output), work_folder(output)
-    if check_output(output_url, resume=resume, overwrite=overwrite):
-        return None, final
-    manifest = read_manifest(workdir)
-    if overwrite and workdir.exists():
-        shutil.rmtree(workdir)
+    check_target(target, {"--affinities": affinities_url, "--foreground": foreground_url, **(inputs or {})})
     job = BlockwiseJob(
-        affinities_url, foreground_url, str(workdir), shape, options, resolution  # type: ignore[arg-type]
+        absolute_url(affinities_url), absolute_url(foreground_url), str(target.workdir), shape,  # type: ignore[arg-type]
+        options, resolution,
     )
-    if manifest is not None and resume and json_safe(manifest) != json_safe(job.manifest()):
-        raise DataError(
-            f"{workdir}: the interrupted run used other inputs or options, expected the same command "
-            "(or --overwrite to start again)"
-        )
-    return job, final
-
-
-def _commit(job: BlockwiseJob, output: VolumeURL, final: Path) -> None:
-    """Moves the finished segmentation into place (replacing an old one), removes the work folder."""
-    import zarr
-
-    if output.key:
-        group = zarr.open_group(str(output.path), mode="a", zarr_format=2)
-        parts = output.key.split("/")
-        for depth in range(1, len(parts)):
-            name = "/".join(parts[:depth])
-            if name not in group:
-                group.create_group(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(job.output_path, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(job.path, ignore_errors=True)
+    return job, target
 
 
 def segment_blockwise(
@@ -357,6 +293,8 @@ def segment_blockwise(
     progress: Any = True,
     executor: Any = None,
     report: Callable[[str], None] = print,
+    inputs: Mapping[str, str | None] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> list[PassSummary]:
     """Segments stored affinities block by block into a zarr segmentation (``python -m melecole.blockwise``).
 
@@ -369,30 +307,37 @@ def segment_blockwise(
         scheduler: address of a running dask scheduler instead of a LocalCluster.
         scheduler_timeout: seconds to wait for ``scheduler`` to answer.
         resume: finish an interrupted run (blocks marked done are skipped).
-        overwrite: replace an existing output and discard an interrupted run.
+        overwrite: replace an existing output that MeLeCoLe wrote and discard an interrupted run.
         progress: bars over blocks (a bool or a LOG.PROGRESS_BAR setting: auto = only on a terminal).
         executor: run on this executor (e.g. :class:`SerialExecutor`) instead of dask.
         report: where the dashboard address and summary lines go.
+        inputs: further inputs the output must stay apart from ({flag: URL}).
+        provenance: recorded in the output's fingerprint too (``infer.py --blockwise``: the prediction).
 
     Returns:
         One :class:`PassSummary` per pass ([] when ``resume`` finds the output complete).
-    """
-    job, final = plan_job(
-        affinities_url, output_url, options, foreground_url=foreground_url, resume=resume, overwrite=overwrite
-    )
-    if job is None:
-        report(f"{final}: already complete, nothing to resume")
-        return []
-    report(
-        f"{job.plan.num_blocks} blocks of {list(options.block_shape)} over {list(job.shape)}, "
-        f"{options.fragments} fragments, {options.agglomeration} agglomeration"
-    )
-    with contextlib.ExitStack() as stack:
-        if executor is None:
-            executor = stack.enter_context(dask_executor(workers, scheduler, scheduler_timeout))
-            report_dashboard(executor, report)
-        summaries = run_job(job, executor, progress=progress, report=report)
-    _commit(job, _parse_output(output_url), final)
-    report(f"segmentation: {final}")
-    return summaries
 
+    Raises:
+        DataError / ConfigError: one line, before any work (see :mod:`melecole.blockwise.output`).
+    """
+    check_flags(resume, overwrite, scheduler_timeout if executor is None and scheduler else None)
+    job, target = plan_job(affinities_url, output_url, options, foreground_url=foreground_url, inputs=inputs)
+    fingerprint = json_safe({**job.manifest(), **({"prediction": provenance} if provenance else {})})
+    with OutputLock(target.workdir, target.what, report):
+        state = output_state(target, json_safe(job.manifest()), fingerprint, resume=resume, overwrite=overwrite)
+        if state == "complete":
+            report(complete_line(target))
+            return []
+        report(
+            f"{job.plan.num_blocks} blocks of {list(options.block_shape)} over {list(job.shape)}, "
+            f"{options.fragments} fragments, {options.agglomeration} agglomeration"
+        )
+        with contextlib.ExitStack() as stack:
+            if executor is None:
+                executor = stack.enter_context(dask_executor(workers, scheduler, scheduler_timeout))
+                report_dashboard(executor, report)
+            summaries = run_job(job, executor, progress=progress, report=report)
+        commit_output(job.output_path, target, fingerprint)
+        clear_work_folder(target.workdir, target.what)
+    report(f"segmentation: {target.final}")
+    return summaries

@@ -1,4 +1,5 @@
-"""Checks before and after the work: finite raw, writable output folders, stale temporaries, result origin.
+"""Checks before and after the work: finite raw, writable output folders apart from the inputs, stale
+temporaries, result origin.
 
 - :func:`check_finite`: refuses raw with NaN / Inf (one NaN voxel would make the intensity range,
   and so every prediction, NaN).
@@ -6,6 +7,8 @@
   (nothing is created).
 - :func:`remove_stale_temporaries`: removes temporary files that a killed write of MeLeCoLe left
   behind (only MeLeCoLe's own temporary names; files in use are kept).
+- :func:`check_disjoint`: an output that is, contains or lies inside an input (resolved paths, so
+  symlinks count) is refused before any work.
 - :func:`read_fingerprint` / :func:`check_same_fingerprint`: result files record the JSON
   ``fingerprint`` of the prediction they come from; readers refuse files of different predictions.
 """
@@ -28,6 +31,7 @@ from melecole.io.volumes import open_hdf5, parse_volume_url
 
 __all__ = [
     "FINGERPRINT_ATTRIBUTE",
+    "check_disjoint",
     "check_finite",
     "check_same_fingerprint",
     "check_writable_folder",
@@ -35,6 +39,7 @@ __all__ = [
     "output_error",
     "read_fingerprint",
     "remove_stale_temporaries",
+    "resolved_location",
 ]
 
 FINGERPRINT_ATTRIBUTE = "fingerprint"
@@ -190,3 +195,54 @@ def check_same_fingerprint(files: Mapping[str, str | os.PathLike | None]) -> Non
                     "(rerun infer.py)"
                 )
         seen.append((role, url, value))
+
+
+def resolved_location(url: str | os.PathLike) -> Path | None:
+    """Where a volume URL lives on this machine, symlinks resolved: zarr root / key, the HDF5 file, or a
+    local precomputed layer, or any other local file (a checkpoint); None for remote volumes."""
+    try:
+        parsed = parse_volume_url(url)
+    except DataError:
+        return Path(os.fspath(url)).expanduser().resolve()
+    if not parsed.is_local:
+        return None
+    root = parsed.local_path.expanduser().resolve()
+    if parsed.format == "zarr" and parsed.key:
+        return (root / parsed.key).resolve()
+    return root
+
+
+def _overlap(output: Path, source: Path) -> str | None:
+    if output == source:
+        return "is"
+    if output in source.parents:
+        return "contains"
+    if source in output.parents:
+        return "lies inside"
+    return None
+
+
+def check_disjoint(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None], what: str) -> None:
+    """Refuses an output that is, contains or lies inside an input.
+
+    Args:
+        output: the output URL (or a local path).
+        inputs: {role (e.g. "--affinities"): URL or None}.
+        what: names the output in the message.
+
+    Raises:
+        DataError: the output overlaps an input (the message names both).
+    """
+    target = resolved_location(output)
+    if target is None:
+        return
+    for role, url in inputs.items():
+        if url is None:
+            continue
+        source = resolved_location(url)
+        relation = _overlap(target, source) if source is not None else None
+        if relation:
+            raise DataError(
+                f"{what}: '{target}' {relation} the input {role} '{url}', expected an output apart from every "
+                "input (nothing was touched)"
+            )

@@ -631,8 +631,18 @@ class VolumeWriter:
 
 
 def _check_target(final: Path, overwrite: bool, url: str) -> None:
-    if final.exists() and not overwrite:
+    """An existing output is replaced only with ``overwrite`` and only when MeLeCoLe wrote it."""
+    from melecole.io.ownership import check_replaceable
+
+    if os.path.lexists(final) and not overwrite:
         raise DataError(f"output '{url}' already exists; remove it or pass overwrite=True")
+    check_replaceable(final, f"output '{url}'")
+
+
+def _own_mark(layer_type: LayerType) -> dict[str, Any]:
+    from melecole.io.ownership import own_attributes
+
+    return own_attributes(layer_type)
 
 
 def _create_zarr(
@@ -665,6 +675,7 @@ def _create_zarr(
             "axes": ["c", "z", "y", "x"][-len(shape) :],
             "units": "nm",
             "layer_type": layer_type,
+            **_own_mark(layer_type),
         }
     )
 
@@ -728,6 +739,7 @@ def _create_precomputed(
         chunk_size=list(spatial_chunks[::-1]),
         compressed_segmentation_block_size=[8, 8, 8],
     )
+    info.update(_own_mark(layer_type))
     temporary = final = None
     cloudpath = parsed.path
     if parsed.is_local:

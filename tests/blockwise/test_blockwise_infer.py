@@ -119,3 +119,34 @@ def test_blockwise_refuses_flags_of_other_modes(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1
         assert "--blockwise writes --output only" in err and named in err
+
+
+def test_output_over_the_raw_input_is_refused_and_nothing_is_touched(tmp_path, capsys):
+    from test_blockwise_output_safety import tree_hash
+
+    import infer
+
+    _, common, blockwise = tiny_setup(tmp_path)
+    before = tree_hash(tmp_path)
+    # (raw.zarr:seg, a sibling of the raw array in its group, is allowed: it overlaps no input.)
+    for output in (tmp_path / "raw.zarr", tmp_path / "raw.zarr" / "em", tmp_path / "raw.zarr" / "em" / "s.zarr"):
+        blockwise[2] = str(output)
+        code = infer.main([*blockwise, "--overwrite", "--workers", "1", *common])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+        assert "the input --input" in err
+        assert tree_hash(tmp_path) == before
+
+
+def test_interrupted_prediction_without_resume_is_refused(tmp_path, capsys):
+    import infer
+    from melecole.blockwise.api import _prediction_folder
+    from melecole.blockwise.predict import plan_prediction, prepare_prediction
+
+    cfg, common, blockwise = tiny_setup(tmp_path)
+    job = plan_prediction(cfg, common[5], common[1], None, _prediction_folder(blockwise[2]), threads=1)
+    prepare_prediction(job, resume=False)
+    code = infer.main([*blockwise, "--workers", "1", *common])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "an interrupted prediction of this output, expected --resume" in err
+    assert (job.path / "manifest.json").is_file()
