@@ -252,7 +252,7 @@ _C.SYSTEM.DETERMINISTIC = False
 # --------------------------------------------------------------------------------------------------
 _C.BLOCKWISE = CN()
 # Block (z, y, x) one task segments; a multiple of OUTPUT_CHUNKS. Memory per worker with 12 channels:
-# ~0.6 GB per million voxels of block + halo for mws fragments, ~0.21 GB for watershed (README).
+# ~0.6 GB per million voxels of block + halo for mws fragments, ~0.21 GB for watershed (docs/blockwise.md).
 _C.BLOCKWISE.BLOCK_SHAPE = [64, 256, 256]
 # Storage chunks (z, y, x) of the segmentation (zarr); every block is a whole number of chunks.
 _C.BLOCKWISE.OUTPUT_CHUNKS = [32, 128, 128]
