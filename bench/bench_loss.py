@@ -14,7 +14,7 @@ from typing import Callable, Tuple
 import torch
 
 from melecole.losses import MetricLoss
-from melecole.losses.reference import reference_metric_loss
+from melecole.testing import reference_metric_loss
 
 
 def voronoi_labels(shape: Tuple[int, int, int], objects: int, generator: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from melecole.data.synthetic import box_volume
+from melecole.testing import box_volume
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("affinities", "membranes", "segmentation")
@@ -76,7 +76,7 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _box_volume(path: Path, shape: tuple[int, int, int], seed: int) -> None:
-    """A tiny labelled HDF5 volume (:func:`melecole.data.synthetic.box_volume`)."""
+    """A tiny labelled HDF5 volume (:func:`melecole.testing.box_volume`)."""
     raw, labels = box_volume(shape, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as handle:

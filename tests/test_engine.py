@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_data import make_tiny_train_opts as tiny_opts
-from tiny_data import write_box_volume as write_volume
 
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import load_checkpoint
 from melecole.engine.optim import lr_factor
 from melecole.engine.trainer import Trainer, resume_config
 from melecole.errors import CheckpointError, DataError
+from melecole.testing import make_tiny_train_opts as tiny_opts
+from melecole.testing import write_box_volume as write_volume
 
 REPO = Path(__file__).resolve().parents[1]
 

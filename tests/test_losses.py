@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from melecole.config import load_cfg
 from melecole.losses import MetricLoss, build_criterion
 from melecole.losses.metric import TERM_NAMES
-from melecole.losses.reference import reference_metric_loss
+from melecole.testing import reference_metric_loss
 
 DELTA_V, DELTA_D = 0.5, 1.5
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_data import write_box_volume as write_volume
 
 from melecole.config import load_cfg
 from melecole.data.views import SpatialTransform, TwoViewDataset, sample_view_pair
@@ -23,6 +22,7 @@ from melecole.engine.trainer import Trainer, resume_config
 from melecole.errors import ConfigError
 from melecole.models import UNet3D
 from melecole.models.moco import DenseMoCo, gather_voxels, info_nce, key_std, supervised_info_nce
+from melecole.testing import write_box_volume as write_volume
 
 
 def tiny_encoder() -> UNet3D:

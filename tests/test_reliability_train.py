@@ -17,7 +17,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from tiny_data import make_tiny_train_opts
 
 import melecole
 from melecole.config import load_cfg
@@ -27,6 +26,7 @@ from melecole.engine.run_folder import RUN_MARKER, read_run_marker
 from melecole.engine.trainer import Trainer
 from melecole.errors import ConfigError
 from melecole.evaluation.cli import main as evaluate_main
+from melecole.testing import make_tiny_train_opts
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"LOG.VAL_FREQUENCY": "0", "LOG.IMAGE_FREQUENCY": "0"}

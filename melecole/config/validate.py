@@ -13,7 +13,27 @@ from yacs.config import CfgNode as CN
 from melecole.errors import ConfigError
 from melecole.utils.progress import PROGRESS_CHOICES
 
-__all__ = ["validate_cfg", "check_inference_windows", "downsampling_factors"]
+__all__ = [
+    "OBJECTIVE_SELECTION",
+    "check_inference_windows",
+    "downsampling_factors",
+    "objective_name",
+    "validate_cfg",
+]
+
+# The training objectives (built by melecole.losses.OBJECTIVE_REGISTRY, same names) and the config values
+# that select each. No key names the objective: MOCO.ENABLED and MOCO.MODE choose it.
+OBJECTIVE_SELECTION: dict[str, dict[str, Any]] = {
+    "metric": {"MOCO.ENABLED": False},
+    "moco_joint": {"MOCO.ENABLED": True, "MOCO.MODE": "joint"},
+    "moco_pretrain": {"MOCO.ENABLED": True, "MOCO.MODE": "pretrain"},
+}
+
+
+def _selection_values(key: str) -> tuple:
+    """The values of ``key`` that select an objective, in table order (MOCO.MODE: joint, pretrain)."""
+    return tuple(dict.fromkeys(values[key] for values in OBJECTIVE_SELECTION.values() if key in values))
+
 
 _CHOICES = {
     "HARDWARE.DEVICE": ("auto", "cpu", "cuda"),
@@ -22,7 +42,7 @@ _CHOICES = {
     "LOSS.NORM": ("l1", "l2"),
     "OPTIM.OPTIMIZER": ("adam", "adamw", "sgd"),
     "OPTIM.SCHEDULER": ("cosine", "constant", "step"),
-    "MOCO.MODE": ("joint", "pretrain"),
+    "MOCO.MODE": _selection_values("MOCO.MODE"),
     "MOCO.PROJECTION_INPUT": ("features", "embedding"),
     "INFERENCE.BLENDING": ("gaussian", "bump", "constant"),
     "INFERENCE.AGGLOMERATION": ("none", "mws", "mean"),
@@ -199,7 +219,22 @@ def check_inference_windows(cfg: CN) -> tuple[list[int], list[int] | None, list[
     return window, stride, margin
 
 
+def objective_name(cfg: CN) -> str:
+    """The name of the training objective that MOCO.ENABLED / MOCO.MODE select (a key of OBJECTIVE_SELECTION)."""
+    for name, values in OBJECTIVE_SELECTION.items():
+        if all(_value(cfg, key) == value for key, value in values.items()):
+            return name
+    keys = dict.fromkeys(key for values in OBJECTIVE_SELECTION.values() for key in values)
+    found = ", ".join(f"{key} {_value(cfg, key)!r}" for key in keys)
+    valid = "; ".join(
+        f"{name} ({', '.join(f'{key} {value}' for key, value in values.items())})"
+        for name, values in OBJECTIVE_SELECTION.items()
+    )
+    raise ConfigError(f"{found} select no training objective; valid: {valid}")
+
+
 def _check_moco(cfg: CN) -> None:
+    objective_name(cfg)  # every valid MOCO.ENABLED / MOCO.MODE pair selects an objective
     moco = cfg.MOCO
     if len(moco.MAX_SHIFT) != 3 or not all(_is_int(v) and v >= 0 for v in moco.MAX_SHIFT):
         raise ConfigError(f"MOCO.MAX_SHIFT: got {moco.MAX_SHIFT!r}, expected 3 integers >= 0 (z, y, x)")

@@ -7,6 +7,8 @@ from typing import Dict, Iterable, Iterator
 import torch
 from yacs.config import CfgNode as CN
 
+from melecole.losses.objectives import selected_objective
+
 __all__ = ["ZipLoader", "build_training_loader"]
 
 
@@ -29,17 +31,19 @@ def build_training_loader(
 ) -> Iterable[Dict[str, torch.Tensor]]:
     """Batches from iteration ``start_iteration`` on, for the objective that MOCO.* selects.
 
-    Without MoCo: labelled patches ("raw", "labels"). MOCO.MODE pretrain: view pairs ("view1",
-    "view2", "coords1", "coords2", "view_groups"). Joint: both, zipped into one dict per step.
+    Labelled patches ("raw", "labels") for an objective that trains on them (metric, moco_joint),
+    view pairs ("view1", "view2", "coords1", "coords2", "view_groups") for one that trains on views
+    (moco_pretrain, moco_joint); both zipped into one dict per step.
     """
     from melecole.data import build_train_loader
 
-    if not cfg.MOCO.ENABLED:
-        return build_train_loader(cfg, start_iteration=start_iteration, rank=rank, world_size=world_size)
-    from melecole.data.views import build_view_loader
+    objective = selected_objective(cfg)
+    views = None
+    if objective.views:
+        from melecole.data.views import build_view_loader
 
-    views = build_view_loader(cfg, start_iteration=start_iteration, rank=rank)
-    if cfg.MOCO.MODE == "pretrain":
+        views = build_view_loader(cfg, start_iteration=start_iteration, rank=rank)
+    if not objective.labelled:
         return views
     labelled = build_train_loader(cfg, start_iteration=start_iteration, rank=rank, world_size=world_size)
-    return ZipLoader(labelled, views)
+    return labelled if views is None else ZipLoader(labelled, views)

@@ -46,7 +46,7 @@ from melecole.engine.run_folder import (
     resume_run_dir,
 )
 from melecole.errors import CheckpointError, ConfigError
-from melecole.losses import build_objective
+from melecole.losses import build_objective, selected_objective
 from melecole.utils import comm
 from melecole.utils.device import configure_threads, resolve_device
 from melecole.utils.files import atomic_write_text
@@ -142,8 +142,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = self._setup_device()
         self.logger = setup_logging(None, self.rank, keep_early=True)
-        pretrain = cfg.MOCO.ENABLED and cfg.MOCO.MODE == "pretrain"
-        if not pretrain:  # contrastive pre-training needs no labelled folder
+        labelled = selected_objective(cfg).labelled
+        if labelled:  # contrastive pre-training needs no labelled folder
             check_data_root(cfg, [cfg.DATASET.TRAIN_SPLIT])
         if resume_checkpoint is not None:
             if run_dir is None:
@@ -172,7 +172,7 @@ class Trainer:
             self.load_state(resume_checkpoint)
 
         self.train_loader = build_training_loader(cfg, self.iteration, self.rank, self.world_size)
-        validate = self.is_main and cfg.LOG.VAL_FREQUENCY > 0 and not pretrain
+        validate = self.is_main and cfg.LOG.VAL_FREQUENCY > 0 and labelled
         self.val_batches = build_val_batches(cfg, rank=0) if validate else []
         self.run_dir = self._open_run_dir(run_dir, resume_checkpoint)
         self.writer = None

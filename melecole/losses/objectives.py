@@ -8,25 +8,40 @@ and gives it to the checkpoint through ``state_dict`` / ``load_state_dict``.
 - :class:`ContrastiveObjective`: dense MoCo InfoNCE on view pairs; "joint" adds the metric loss on
   labelled patches (metric + MOCO.WEIGHT * InfoNCE), "pretrain" is InfoNCE alone.
 
-``build_objective(cfg, model, device, world_size)`` makes the one that MOCO.ENABLED asks for.
+:data:`OBJECTIVE_REGISTRY` has one entry per objective (its builder, the config keys it reads, the
+batches it trains on), under the names of :data:`melecole.config.validate.OBJECTIVE_SELECTION`: no
+config key names the objective, MOCO.ENABLED and MOCO.MODE select it (:func:`objective_name`).
+``build_objective(cfg, model, device, world_size)`` builds the selected one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, Tuple
 
 import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from melecole.errors import CheckpointError
+from melecole.config.validate import OBJECTIVE_SELECTION, objective_name
+from melecole.errors import CheckpointError, ConfigError
 from melecole.losses.metric import MetricLoss, build_metric_loss
 from melecole.models import build_dense_moco
 from melecole.models.moco import DenseMoCo
 from melecole.utils.comm import unwrap_model
 
-__all__ = ["MetricObjective", "ContrastiveObjective", "build_objective", "MOCO_CHECKPOINT_KEY"]
+__all__ = [
+    "MOCO_CHECKPOINT_KEY",
+    "OBJECTIVE_REGISTRY",
+    "ContrastiveObjective",
+    "MetricObjective",
+    "ObjectiveEntry",
+    "build_objective",
+    "get_objective_entry",
+    "objective_name",
+    "selected_objective",
+]
 
 # The checkpoint entry of the MoCo state (projection heads, momentum network, queue, pointer).
 MOCO_CHECKPOINT_KEY = "moco"
@@ -140,16 +155,15 @@ class ContrastiveObjective(MetricObjective):
             raise CheckpointError(f"{source}: MoCo state does not fit ({first_line})") from None
 
 
-def build_objective(
-    cfg: CN, model: nn.Module, device: torch.device, world_size: int = 1
-) -> MetricObjective | ContrastiveObjective:
-    """The objective of LOSS.* and MOCO.* for the online ``model`` (DDP-wrapped when world_size > 1).
+# Builders of the registry: (cfg, model, device, world_size) -> objective.
+def _build_metric(cfg: CN, model: nn.Module, device: torch.device, world_size: int = 1) -> MetricObjective:
+    return MetricObjective(build_metric_loss(cfg).to(device))
 
-    Call it after wrapping (and so synchronising) the model: the momentum network is copied from it.
-    """
+
+def _build_contrastive(
+    cfg: CN, model: nn.Module, device: torch.device, world_size: int, pretrain: bool
+) -> ContrastiveObjective:
     criterion = build_metric_loss(cfg).to(device)
-    if not cfg.MOCO.ENABLED:
-        return MetricObjective(criterion)
     moco = build_dense_moco(cfg, unwrap_model(model)).to(device)
     projection = None
     if world_size > 1:
@@ -158,6 +172,76 @@ def build_objective(
         projection = nn.parallel.DistributedDataParallel(moco.projection, device_ids=device_ids)
         moco.momentum_projection.load_state_dict(moco.projection.state_dict())
         torch.distributed.broadcast(moco.queue, src=0)
-    return ContrastiveObjective(
-        criterion, moco, weight=cfg.MOCO.WEIGHT, pretrain=cfg.MOCO.MODE == "pretrain", projection=projection
+    return ContrastiveObjective(criterion, moco, weight=cfg.MOCO.WEIGHT, pretrain=pretrain, projection=projection)
+
+
+def _build_joint(cfg: CN, model: nn.Module, device: torch.device, world_size: int = 1) -> ContrastiveObjective:
+    return _build_contrastive(cfg, model, device, world_size, pretrain=False)
+
+
+def _build_pretrain(cfg: CN, model: nn.Module, device: torch.device, world_size: int = 1) -> ContrastiveObjective:
+    return _build_contrastive(cfg, model, device, world_size, pretrain=True)
+
+
+Builder = Callable[[CN, nn.Module, torch.device, int], MetricObjective]
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """One training objective of :data:`OBJECTIVE_REGISTRY`.
+
+    Attributes:
+        name: its key (also a key of ``OBJECTIVE_SELECTION``).
+        build: ``build(cfg, model, device, world_size) -> objective``.
+        keys: the config keys ``build`` reads ("LOSS" = every LOSS.* key).
+        labelled: trains on labelled patches ("raw", "labels") and is validated on them.
+        views: trains on MoCo view pairs ("view1", "view2", "coords1", "coords2", "view_groups").
+    """
+
+    name: str
+    build: Builder
+    keys: Tuple[str, ...]
+    labelled: bool
+    views: bool
+
+    @property
+    def selected_by(self) -> Dict[str, Any]:
+        """The config values that select this objective, e.g. {"MOCO.ENABLED": False}."""
+        return dict(OBJECTIVE_SELECTION[self.name])
+
+
+_METRIC_KEYS = ("LOSS", "INFERENCE.OFFSETS")
+_MOCO_KEYS = _METRIC_KEYS + ("MOCO", "MODEL.FILTERS", "MODEL.EMBEDDING_DIMENSION")
+
+# objective name -> entry; the names are those of melecole.config.validate.OBJECTIVE_SELECTION.
+OBJECTIVE_REGISTRY: Dict[str, ObjectiveEntry] = {
+    entry.name: entry
+    for entry in (
+        ObjectiveEntry("metric", _build_metric, _METRIC_KEYS, labelled=True, views=False),
+        ObjectiveEntry("moco_joint", _build_joint, _MOCO_KEYS, labelled=True, views=True),
+        ObjectiveEntry("moco_pretrain", _build_pretrain, _MOCO_KEYS, labelled=False, views=True),
     )
+}
+
+
+def get_objective_entry(name: str) -> ObjectiveEntry:
+    """The registry entry of an objective name; an unknown name is a ConfigError listing the valid ones."""
+    if name not in OBJECTIVE_REGISTRY:
+        raise ConfigError(f"unknown training objective {name!r}; valid: {', '.join(OBJECTIVE_REGISTRY)}")
+    return OBJECTIVE_REGISTRY[name]
+
+
+def selected_objective(cfg: CN) -> ObjectiveEntry:
+    """The registry entry of the objective that MOCO.ENABLED / MOCO.MODE select."""
+    return get_objective_entry(objective_name(cfg))
+
+
+def build_objective(
+    cfg: CN, model: nn.Module, device: torch.device, world_size: int = 1
+) -> MetricObjective | ContrastiveObjective:
+    """The objective that MOCO.ENABLED / MOCO.MODE select, for the online ``model`` (DDP-wrapped when
+    world_size > 1), configured by LOSS.* and MOCO.*.
+
+    Call it after wrapping (and so synchronising) the model: the momentum network is copied from it.
+    """
+    return selected_objective(cfg).build(cfg, model, device, world_size)
