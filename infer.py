@@ -2,10 +2,10 @@
 
     python infer.py --split val --config configs/X.yaml --checkpoint RUN/checkpoints/last.pt
 
-The library side is melecole/inference/cli.py (also installed as `melecole-infer`).
+The command line is melecole/cli/infer.py (also installed as `melecole-infer`).
 """
 
-from melecole.inference.cli import main
+from melecole.cli.infer import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -2,10 +2,10 @@
 
     python variation_of_information.py --gt dataset/val/AC3_val.hdf --segmentation SEG.hdf [--membranes MEM.hdf]
 
-The library side is melecole/evaluation/cli.py (also installed as `melecole-evaluate`).
+The command line is melecole/cli/evaluate.py (also installed as `melecole-evaluate`).
 """
 
-from melecole.evaluation.cli import main
+from melecole.cli.evaluate import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

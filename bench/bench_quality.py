@@ -37,8 +37,8 @@ from scipy import ndimage
 
 from melecole.config import load_cfg
 from melecole.data import build_train_loader
+from melecole.data.synthetic import ensure_synthetic_data
 from melecole.data.volume import list_volumes, read_volume
-from melecole.demo import ensure_synthetic_data
 from melecole.engine.trainer import Trainer
 from melecole.evaluation import best_threshold_baseline
 from melecole.inference import run_inference

@@ -3,14 +3,14 @@
     python melecole/train.py --config configs/SNEMI3D-UNet3D.yaml [--supervised_checkpoint CKPT]
                              [--resume RUN_DIR_OR_CKPT] [KEY VALUE ...]
 
-The same as the ``melecole-train`` console script (:func:`melecole.engine.cli.train_main`).
+The same as the ``melecole-train`` console script (:func:`melecole.cli.train.train_main`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from melecole.engine.cli import train_main as main
+from melecole.cli.train import train_main as main
 
 __all__ = ["main"]
 

@@ -11,14 +11,14 @@ that launch; several nodes, e.g. 2 nodes with 4 GPUs each (run on every node, NO
         --master_port 29500 melecole/train_distributed.py --config configs/SNEMI3D-UNet3D.yaml
 
 The same as the ``melecole-train-distributed`` console script
-(:func:`melecole.engine.cli.train_distributed_main`).
+(:func:`melecole.cli.train.train_distributed_main`).
 """
 
 from __future__ import annotations
 
 import sys
 
-from melecole.engine.cli import train_distributed_main as main
+from melecole.cli.train import train_distributed_main as main
 
 __all__ = ["main"]
 

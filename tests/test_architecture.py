@@ -1,8 +1,9 @@
 """Structure rules of the package, read from the source: no import cycles, short functions.
 
 Imports inside functions count as well: a lazy import hides a cycle from Python, not from the reader.
-Entry-point modules (a subpackage's ``cli.py`` or ``__main__.py``) sit on top of every subpackage: they may import any
-of them, and no library module imports them.
+Every command line is in ``melecole.cli``, the top layer: it may import any subpackage and nothing imports it but
+the script shims (``SHIMS``), which import only ``melecole.cli``. An ``if __name__ == "__main__":`` block runs as the
+program, never on import, so its imports are those of the node ``<module>:__main__``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
     for name, tree in modules.items():
         is_package = (PACKAGE.parent / Path(*name.split("."), "__init__.py")).is_file()
         package = name if is_package else name.rpartition(".")[0]
+        main_block = {id(node) for block in tree.body if _is_main_block(block) for node in ast.walk(block)}
         for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.Import):
@@ -54,8 +56,13 @@ def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
                 if target == "melecole" or target.startswith("melecole."):
                     resolved = _resolve(target, modules)
                     if resolved and resolved != name and resolved != "melecole":
-                        graph[name].add(resolved)
+                        graph.setdefault(f"{name}:__main__" if id(node) in main_block else name, set()).add(resolved)
     return graph
+
+
+def _is_main_block(statement: ast.stmt) -> bool:
+    """``if __name__ == "__main__":`` at module level."""
+    return isinstance(statement, ast.If) and ast.unparse(statement.test) == "__name__ == '__main__'"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -80,23 +87,28 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-SCRIPTS = ("melecole.train", "melecole.train_distributed", "melecole.demo")
+# The script paths kept as shims of melecole.cli: python melecole/train.py, python melecole/train_distributed.py,
+# python -m melecole.demo, python -m melecole.blockwise, python -m melecole.data.synthetic.
+SHIMS = (
+    "melecole.train",
+    "melecole.train_distributed",
+    "melecole.demo",
+    "melecole.blockwise.__main__",
+    "melecole.data.synthetic:__main__",
+)
 
 
-def is_entry_point(module: str) -> bool:
-    """A script (``melecole/train.py``, ...) or a subpackage's command line (``cli``, ``__main__``);
-    ``melecole.utils.cli`` is a helper for all of them."""
-    if module in SCRIPTS:
-        return True
-    return module.rpartition(".")[2] in ("cli", "__main__") and not module.startswith("melecole.utils.")
+def is_cli(module: str) -> bool:
+    """``melecole.cli`` or one of its modules (``melecole.utils.cli`` is a helper below every layer)."""
+    return module == "melecole.cli" or module.startswith("melecole.cli.")
 
 
 def subpackage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    """Edges between subpackages (melecole.<sub>), ignoring imports inside one subpackage; an entry
-    point module is a node of its own."""
+    """Edges between subpackages (melecole.<sub>), ignoring imports inside one subpackage; a shim is a
+    node of its own (``melecole.blockwise.__main__`` is a script, not part of ``melecole.blockwise``)."""
 
     def subpackage(module: str) -> str:
-        return module if is_entry_point(module) else ".".join(module.split(".")[:2])
+        return module if module in SHIMS else ".".join(module.split(".")[:2])
 
     result: dict[str, set[str]] = {}
     for source, targets in graph.items():
@@ -124,20 +136,61 @@ def test_no_import_cycle_between_subpackages():
     assert cycle is None, "subpackage cycle: " + " -> ".join(cycle)
 
 
-def test_no_library_module_imports_an_entry_point():
+def test_nothing_imports_melecole_cli_but_the_shims():
     graph = import_graph(_modules())
     wrong = [
         f"{module} -> {target}"
         for module, targets in graph.items()
         for target in targets
-        if is_entry_point(target) and not is_entry_point(module)
+        if (is_cli(target) and not is_cli(module) and module not in SHIMS) or target in SHIMS
     ]
     assert not wrong, wrong
+
+
+def test_shims_only_import_melecole_cli():
+    graph = import_graph(_modules())
+    for shim in SHIMS:
+        assert graph.get(shim), f"{shim}: no such shim, or it imports nothing (tests/test_architecture.py SHIMS)"
+        assert all(is_cli(target) for target in graph[shim]), f"{shim} imports {sorted(graph[shim])}"
 
 
 def test_io_is_the_bottom_layer():
     graph = subpackage_graph(import_graph(_modules()))
     assert graph["melecole.io"] <= {"melecole.errors", "melecole.utils"}, graph["melecole.io"]
+
+
+STORAGE_LIBRARIES = ("zarr", "h5py", "cloudvolume", "cloudfiles")
+
+
+def storage_imports(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """{module: storage libraries it imports anywhere in its source (lazy imports and
+    ``importlib.import_module("zarr")`` count)}."""
+    found: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("import_module", "__import__")):
+                first = node.args[0] if node.args else None
+                targets = [first.value] if isinstance(first, ast.Constant) and isinstance(first.value, str) else []
+            for target in targets:
+                if target.split(".")[0] in STORAGE_LIBRARIES:
+                    found.setdefault(name, set()).add(target.split(".")[0])
+    return found
+
+
+def test_only_melecole_io_imports_zarr_h5py_or_cloudvolume():
+    planted = ast.parse("import os\ndef f():\n    from zarr.storage import X\n    importlib.import_module('h5py')\n")
+    assert storage_imports({"melecole.x": planted}) == {"melecole.x": {"zarr", "h5py"}}
+    found = storage_imports(_modules())
+    assert {"zarr", "h5py", "cloudvolume"} <= set().union(*found.values())  # the imports were really read
+    outside = {
+        module: sorted(names) for module, names in found.items() if module.split(".")[:2] != ["melecole", "io"]
+    }
+    assert not outside, f"only melecole.io may import {', '.join(STORAGE_LIBRARIES)}: {outside}"
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -113,7 +113,7 @@ def test_bad_values_are_refused_naming_the_key(key, value, message):
 
 
 def test_bad_values_give_one_line_errors_through_train_cli(capsys):
-    from melecole.engine.cli import train_main
+    from melecole.cli.train import train_main
 
     for key, value, message in BAD_VALUES:
         assert train_main(["--config", str(CONFIGS[0]), key, value]) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from melecole import demo
+from melecole.cli import demo
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from melecole.cli.train import build_train_parser, train_distributed
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import load_checkpoint, unwrap_model
-from melecole.engine.cli import build_train_parser, train_distributed
 from melecole.engine.launch import (
     is_torchrun_environment,
     launch,

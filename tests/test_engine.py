@@ -176,7 +176,7 @@ def one_line_error(capsys, *fragments: str) -> str:
 
 def test_redirected_stderr_gets_no_carriage_return_progress(tmp_path, capfd):
     """stderr captured into a file (not a terminal): LOG.PROGRESS_BAR auto writes no bar updates."""
-    from melecole.engine.cli import train_main
+    from melecole.cli.train import train_main
 
     config = write_config(tmp_path, **{"OPTIM.TOTAL_ITER": "2", "LOG.VAL_FREQUENCY": "0"})
     for setting, expect_bar in (("auto", False), ("true", True)):
@@ -187,7 +187,7 @@ def test_redirected_stderr_gets_no_carriage_return_progress(tmp_path, capfd):
 
 
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
-    from melecole.engine.cli import train_main
+    from melecole.cli.train import train_main
 
     trainer = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "1", "LOG.VAL_FREQUENCY": "0"})))
     trainer.train()
@@ -208,7 +208,7 @@ def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_resume_never_overwrites_later_checkpoints_or_a_finished_run(tmp_path, capsys):
-    from melecole.engine.cli import train_main
+    from melecole.cli.train import train_main
 
     trainer = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"LOG.VAL_FREQUENCY": "0"})))  # 6 iterations
     trainer.train()
@@ -229,7 +229,7 @@ def test_resume_never_overwrites_later_checkpoints_or_a_finished_run(tmp_path, c
 
 
 def test_checkpoint_with_a_non_integer_iteration_is_refused(tmp_path, capsys):
-    from melecole.engine.cli import train_main
+    from melecole.cli.train import train_main
 
     trainer = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "1", "LOG.VAL_FREQUENCY": "0"})))
     trainer.train()
@@ -341,7 +341,7 @@ def test_progress_helpers_choose_bar_or_log_lines(caplog):
 
 
 def test_unwritable_output_path_is_one_line(tmp_path, capsys):
-    from melecole.engine.cli import train_main
+    from melecole.cli.train import train_main
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -354,15 +354,17 @@ def test_unwritable_output_path_is_one_line(tmp_path, capsys):
 def test_console_scripts_point_at_the_entry_functions(tmp_path):
     from importlib.metadata import entry_points
 
-    from melecole.engine.cli import train_distributed_main, train_main
+    from melecole.cli.train import train_distributed_main, train_main
 
     scripts = {entry.name: entry for entry in entry_points(group="console_scripts")}
     assert scripts["melecole-train"].load() is train_main
     assert scripts["melecole-train-distributed"].load() is train_distributed_main
-    assert {name: scripts[name].value for name in ("melecole-infer", "melecole-evaluate", "melecole-view")} == {
-        "melecole-infer": "melecole.inference.cli:main",
-        "melecole-evaluate": "melecole.evaluation.cli:main",
-        "melecole-view": "melecole.visualization.cli:main",
+    others = ("melecole-infer", "melecole-evaluate", "melecole-view", "melecole-blockwise")
+    assert {name: scripts[name].value for name in others} == {
+        "melecole-infer": "melecole.cli.infer:main",
+        "melecole-evaluate": "melecole.cli.evaluate:main",
+        "melecole-view": "melecole.cli.view:main",
+        "melecole-blockwise": "melecole.cli.blockwise:main",
     }
     script = Path(sys.executable).parent / "melecole-train"
     result = subprocess.run([str(script), "--config", str(tmp_path / "missing.yaml")], capture_output=True,

@@ -13,10 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from melecole.data import synthetic
+from melecole.cli import synthetic
+from melecole.cli.evaluate import main as evaluate_main
 from melecole.errors import DataError
 from melecole.evaluation import evaluate_segmentation
-from melecole.evaluation.cli import main as evaluate_main
 from melecole.visualization import build_viewer_state, render_report
 
 SHAPE = (4, 12, 12)

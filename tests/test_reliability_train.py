@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 import melecole
+from melecole.cli.evaluate import main as evaluate_main
+from melecole.cli.train import train_main
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import load_checkpoint
-from melecole.engine.cli import train_main
 from melecole.engine.run_folder import RUN_MARKER, read_run_marker
 from melecole.engine.trainer import Trainer
 from melecole.errors import ConfigError
-from melecole.evaluation.cli import main as evaluate_main
 from melecole.testing import make_tiny_train_opts
 
 REPO = Path(__file__).resolve().parents[1]

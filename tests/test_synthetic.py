@@ -9,11 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
+from melecole.cli.synthetic import main
 from melecole.data.synthetic import (
     SMALL_SHAPE,
     generate_dataset,
     generate_volume,
-    main,
     threshold_baseline,
 )
 from melecole.errors import DataError

@@ -12,7 +12,7 @@ Library use::
     raw, labels = generate_volume((32, 160, 160), seed=0)   # uint8 and uint32, (Z, Y, X)
     generate_dataset("dataset/synthetic", seed=0)          # train/val/test HDF5 files
 
-Command line::
+Command line (:mod:`melecole.cli.synthetic`)::
 
     python -m melecole.data.synthetic --out dataset/synthetic --seed 0 [--small]
 
@@ -27,7 +27,6 @@ pipeline; split over several modules they would be no simpler, only scattered.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,11 +40,10 @@ import fastremap
 import numpy as np
 from scipy import ndimage as ndi
 
-from melecole.data.volume import read_volume
 from melecole.errors import DataError
 from melecole.io import check_writable_folder
 from melecole.io.hdf5_output import create_hdf5
-from melecole.utils.cli import run_cli
+from melecole.utils.logger import get_logger
 
 logger = logging.getLogger(__name__)
 
@@ -806,33 +804,20 @@ def check_output(out: str | os.PathLike, seed: int, *, overwrite: bool = False) 
         )
 
 
-@run_cli
-def main(argv: list[str] | None = None) -> int:
-    """CLI: python -m melecole.data.synthetic --out dataset/synthetic --seed 0 [--small]."""
-    parser = argparse.ArgumentParser(description="Generate the synthetic anisotropic EM dataset.")
-    parser.add_argument("--out", default="dataset/synthetic", help="dataset root (gets train/ val/ test/)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
-    parser.add_argument("--small", action="store_true", help=f"tiny volumes {SMALL_SHAPE} for tests")
-    parser.add_argument("--no-defects", action="store_true", help="no section defects, not even in train")
-    parser.add_argument("--baseline", action="store_true", help="log the naive threshold baseline on val")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset")
-    args = parser.parse_args(argv)
-    check_output(args.out, args.seed, overwrite=args.overwrite)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.perf_counter()
-    shape = SMALL_SHAPE if args.small else DEFAULT_SHAPE
-    paths = generate_dataset(
-        args.out, args.seed, shape=shape, defect_splits=() if args.no_defects else DEFAULT_DEFECT_SPLITS
-    )
-    logger.info("wrote %d volumes to %s in %.1f s", len(paths), args.out, time.perf_counter() - start)
-    if args.baseline:
-        for path in paths:
-            if path.parent.name == "val":
-                volume = read_volume(path)
-                scores = threshold_baseline(volume.raw, volume.labels)
-                logger.info("naive baseline on %s: %s", path, json.dumps(scores))
-    return 0
+def ensure_synthetic_data(data_root: str | os.PathLike, seed: int = 0) -> bool:
+    """Generates the dataset into ``data_root`` if it is missing and its folder name says ``synthetic``
+    (what ``make demo`` needs); True if it was made. An existing train/ + val/ is left alone."""
+    root = Path(data_root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return False
+    if "synthetic" not in root.name:
+        return False
+    get_logger().info("generating the synthetic dataset in %s (seed %d)", root, seed)
+    generate_dataset(root, seed)
+    return True
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m melecole.data.synthetic: the command line is melecole/cli/synthetic.py
+    from melecole.cli.synthetic import main
+
     raise SystemExit(main())

@@ -59,7 +59,7 @@ def test_infer_blockwise_equals_affinities_only_then_in_memory(tmp_path, dask_cl
 @pytest.mark.slow
 def test_interrupted_prediction_resumes_and_gives_the_same_result(tmp_path, dask_client, capsys):
     import infer
-    from melecole.blockwise.api import _prediction_folder
+    from melecole.blockwise.orchestrate import _prediction_folder
     from melecole.blockwise.predict import plan_prediction, predict_task, prepare_prediction
 
     cfg, common, blockwise = tiny_setup(tmp_path)
@@ -85,7 +85,7 @@ def test_interrupted_prediction_resumes_and_gives_the_same_result(tmp_path, dask
 
 
 def test_resume_with_another_checkpoint_is_refused(tmp_path, capsys):
-    from melecole.blockwise.api import _prediction_folder
+    from melecole.blockwise.orchestrate import _prediction_folder
     from melecole.blockwise.predict import plan_prediction, prepare_prediction
 
     cfg, common, blockwise = tiny_setup(tmp_path)
@@ -140,7 +140,7 @@ def test_output_over_the_raw_input_is_refused_and_nothing_is_touched(tmp_path, c
 
 def test_interrupted_prediction_without_resume_is_refused(tmp_path, capsys):
     import infer
-    from melecole.blockwise.api import _prediction_folder
+    from melecole.blockwise.orchestrate import _prediction_folder
     from melecole.blockwise.predict import plan_prediction, prepare_prediction
 
     cfg, common, blockwise = tiny_setup(tmp_path)

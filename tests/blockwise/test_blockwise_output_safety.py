@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from melecole.blockwise.__main__ import main
 from melecole.blockwise.output import output_target
+from melecole.cli.blockwise import main
 from melecole.io.ownership import check_replaceable, read_own_attributes
 from melecole.io.volumes import open_volume, write_volume
 

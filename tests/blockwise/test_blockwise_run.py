@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from melecole.blockwise.__main__ import main
 from melecole.blockwise.plan import build_options
 from melecole.blockwise.runner import (
     DaskExecutor,
@@ -25,6 +24,7 @@ from melecole.blockwise.runner import (
     worker_environment,
 )
 from melecole.blockwise.segment import segment_affinities
+from melecole.cli.blockwise import main
 from melecole.io.volumes import open_volume, parse_volume_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from melecole.blockwise.api import add_blockwise_arguments, infer_blockwise
+from melecole.blockwise.orchestrate import infer_blockwise
+from melecole.cli.blockwise import add_blockwise_arguments, blockwise_keywords
 from melecole.config import load_cfg
 from melecole.errors import ConfigError
 from melecole.inference.chunked import predict_affinities_to_store
@@ -87,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_cfg(args.config, args.opts)
     if args.blockwise:
-        infer_blockwise(cfg, args)
+        if not args.input or not args.output:
+            raise ConfigError("--blockwise needs --input URL (raw) and --output URL (zarr segmentation)")
+        infer_blockwise(cfg, args.checkpoint, args.input, args.output, raw_key=args.raw_key, chunk=args.chunk,
+                        halo=args.halo, **blockwise_keywords(args))
         return 0
     common = dict(raw_key=args.raw_key, overwrite=args.overwrite, progress=cfg.LOG.PROGRESS_BAR)
     store = dict(resolution=args.resolution, output_dtype=args.output_dtype)

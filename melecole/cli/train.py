@@ -1,8 +1,9 @@
-"""Command-line entry points of training: argument parsing, config, then one Trainer run.
+"""Command lines of training: argument parsing, config, then one Trainer run.
 
 ``train_main`` serves ``melecole/train.py`` and the ``melecole-train`` console script;
 ``train_distributed_main`` serves ``melecole/train_distributed.py`` and ``melecole-train-distributed``
-(it launches processes with :mod:`melecole.engine.launch`, each running ``train_worker``).
+(it launches processes with :mod:`melecole.engine.launch`, each running ``train_worker``, which is
+module level so that spawned processes can import it).
 """
 
 from __future__ import annotations
