@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib.util
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,26 @@ class SerialExecutor:
 
 
 class DaskExecutor:
-    """Submits tasks to a dask ``Client``; a task lost with its worker is rerun by dask."""
+    """Submits tasks to a dask ``Client``; a task lost with its worker is rerun by dask.
+
+    A task's one-line error (:class:`melecole.errors.MeLeCoLeError`, e.g. NaN in an input block) comes
+    back as a :class:`DaskExecutor.Failure` value and is raised here, in the driver, as it was raised in
+    the worker (which then logs no "Compute Failed" traceback for it).
+    """
+
+    # LocalCluster start (:func:`dask_executor`): workers start in rounds of as many as there are CPU
+    # cores (a worker takes ~0.6 s of an idle core to start; more at once only compete for the cores),
+    # all within START_SECONDS + START_SECONDS_PER_ROUND x rounds.
+    START_SECONDS = 30.0
+    START_SECONDS_PER_ROUND = 3.0
+    # Memory of the driver process (README, memory rule of thumb), added to the workers'.
+    DRIVER_BYTES = 0.3e9
+
+    @dataclass(frozen=True)
+    class Failure:
+        """A task's one-line error, returned by the worker instead of raised."""
+
+        error: Exception
 
     def __init__(self, client: Any):
         self.client = client
@@ -86,16 +104,207 @@ class DaskExecutor:
             return None
         return self.client.dashboard_link if "dashboard" in services else None
 
+    @staticmethod
+    def call(function: Callable[[int], Any], item: int) -> Any:
+        """``function(item)`` in a worker; a MeLeCoLeError is returned as a :class:`Failure`."""
+        from melecole.errors import MeLeCoLeError
+
+        try:
+            return function(item)
+        except MeLeCoLeError as error:
+            return DaskExecutor.Failure(error)
+
     def map(self, function: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]:
+        """Results of ``function(item)`` as they finish; the first task's one-line error is raised (the
+        tasks not yet run are cancelled, those running finish: each writes and marks only its block)."""
+        import uuid
+
+        from dask.utils import funcname
         from distributed import as_completed
 
-        futures = self.client.map(function, list(items), pure=False)
+        items = list(items)
+        name, token = funcname(function), uuid.uuid4().hex[:8]
+        futures = self.client.map(
+            functools.partial(DaskExecutor.call, function), items, key=[f"{name}-{item}-{token}" for item in items]
+        )
         try:
             for future in as_completed(futures):
-                yield future.result()
+                result = future.result()
+                if isinstance(result, DaskExecutor.Failure):
+                    raise result.error
+                yield result
         finally:
             for future in futures:
                 future.release()
+
+    @staticmethod
+    async def _identity(address: str, timeout: float) -> Any:
+        """dask's identity call to ``address``: connect, handshake, ask (no step bounded by dask itself)."""
+        from distributed.comm import connect
+        from distributed.security import Security
+
+        # As the Client would connect (TLS settings from the dask config); retried until 0.9 x timeout.
+        arguments = Security().get_connection_args("client")
+        comm = await connect(address, timeout=0.9 * timeout, **arguments)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    @staticmethod
+    def probe(address: str, timeout: float) -> dict[str, Any]:
+        """What answers at ``address``, within ``timeout`` seconds in all (a service that accepts the
+        connection but never answers dask's handshake, such as an HTTP server, would make dask's own
+        Client wait forever; another protocol's greeting read as a dask frame asks for exabytes).
+
+        Returns:
+            The scheduler's identity (``workers``: the workers connected now).
+
+        Raises:
+            DataError: one line: nothing answered, not in dask's protocol, or not a scheduler.
+        """
+        import asyncio
+        import threading
+
+        outcome: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                outcome["identity"] = asyncio.run(asyncio.wait_for(DaskExecutor._identity(address, timeout), timeout))
+            except BaseException as error:  # reported below, in the caller's thread
+                outcome["error"] = error
+
+        thread = threading.Thread(target=ask, name="melecole-scheduler-probe", daemon=True)
+        thread.start()
+        thread.join(timeout + 2.0)  # the thread itself is bounded; this is the hard deadline
+        identity, error = outcome.get("identity"), outcome.get("error")
+        if isinstance(identity, dict) and identity.get("type") == "Scheduler":
+            return identity
+        if isinstance(identity, dict):
+            reason = f"a dask {identity.get('type', 'service')} answered, not a scheduler"
+        elif error is None or isinstance(error, TimeoutError):  # connected, then silence (or no connection)
+            reason = "no answer in dask's protocol"
+        elif isinstance(error, OSError):
+            cause = f": {error.__cause__}" if error.__cause__ is not None and str(error.__cause__) else ""
+            reason = " ".join(f"{error}{cause}".split()) or type(error).__name__
+        else:
+            text = " ".join(str(error).split())[:120]
+            reason = f"the service there does not speak dask's protocol: {type(error).__name__}: {text}"
+        raise DataError(
+            f"--scheduler '{address}': no dask scheduler answered within {timeout:g} s ({reason[:200]}), "
+            "expected the address of a running scheduler (tcp://HOST:PORT)"
+        )
+
+    @staticmethod
+    def capacity_warning(workers: int, worker_memory: float | None) -> str | None:
+        """One warning line when ``workers`` exceed the CPU cores or, by the memory rule of thumb
+        (``worker_memory`` bytes per worker, plus the driver), the memory available now; else None."""
+        import os
+
+        import psutil
+
+        cpus = os.cpu_count() or 1
+        reasons = []
+        if workers > cpus:
+            reasons.append(f"more than the {cpus} CPU cores (the others only wait, take memory and slow the start)")
+        if worker_memory:
+            need = workers * worker_memory + DaskExecutor.DRIVER_BYTES
+            available = psutil.virtual_memory().available
+            if need > available:
+                reasons.append(
+                    f"~{need / 1e9:.1f} GB by the memory rule of thumb ({worker_memory / 1e9:.2f} GB per worker for "
+                    f"this block and fragment mode, plus the driver), more than the {available / 1e9:.1f} GB available"
+                )
+        if not reasons:
+            return None
+        return f"warning: --workers {workers}: {'; '.join(reasons)}; expected fewer --workers (or a smaller --block)"
+
+    @staticmethod
+    def start_limit(workers: int) -> float:
+        """Seconds the LocalCluster's ``workers`` may take to start (see :attr:`START_SECONDS`)."""
+        import os
+
+        rounds = -(-workers // (os.cpu_count() or 1))
+        return DaskExecutor.START_SECONDS + DaskExecutor.START_SECONDS_PER_ROUND * rounds
+
+    class StartFailures(logging.Filter):
+        """Keeps off the terminal the tracebacks that tornado logs for workers that failed to start (e.g.
+        killed by a SIGTERM to the whole process group); the first reason is kept for the error line."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.reasons: list[str] = []
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            if error is None or "failed to start" not in str(error):
+                return True
+            cause = error.__cause__ or error
+            self.reasons.append(f"{type(cause).__name__}: {' '.join(str(cause).split())[:120]}")
+            return False
+
+    @staticmethod
+    def local_cluster(stack: contextlib.ExitStack, workers: int) -> Any:
+        """A Client of a new LocalCluster with ``workers`` started (closed by ``stack``), its worker
+        processes started with SIGINT blocked.
+
+        Raises:
+            DataError: not all workers started within :meth:`start_limit`.
+        """
+        import signal
+        from multiprocessing import resource_tracker
+
+        import dask
+        from distributed import Client, LocalCluster
+
+        failures = DaskExecutor.StartFailures()
+        tornado_log = logging.getLogger("tornado.application")
+        tornado_log.addFilter(failures)
+        stack.callback(tornado_log.removeFilter, failures)
+        stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}))
+        # The cluster's event-loop thread, and so every worker process it spawns, inherits this mask.
+        # (Started from that thread, multiprocessing's resource tracker would unblock SIGINT there.)
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            # death_timeout bounds each worker's start, so closing never waits on one that hangs. The
+            # driver reports what fails (one line); the workers' and scheduler's own logs stay quiet.
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0",
+                silence_logs=logging.CRITICAL, death_timeout=DaskExecutor.start_limit(workers),
+            ))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        client = stack.enter_context(Client(cluster))
+        DaskExecutor.start_workers(cluster, client, workers, failures.reasons)
+        return client
+
+    @staticmethod
+    def start_workers(cluster: Any, client: Any, workers: int, reasons: Sequence[str] = ()) -> None:
+        """Starts ``workers`` on a LocalCluster in rounds of as many as there are CPU cores.
+
+        Raises:
+            DataError: not all started within :meth:`start_limit` (the message says how many did).
+        """
+        import os
+
+        cpus = os.cpu_count() or 1
+        rounds = -(-workers // cpus)
+        limit = DaskExecutor.start_limit(workers)
+        deadline = time.monotonic() + limit
+        for count in range(1, rounds + 1):
+            target = min(count * cpus, workers)
+            cluster.scale(target)
+            try:
+                client.wait_for_workers(target, timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                started = len(client.nthreads())
+                why = f" ({reasons[0]})" if reasons else ""
+                raise DataError(
+                    f"--workers {workers}: only {started} of {workers} dask workers started within {limit:g} s{why} "
+                    f"on this machine ({cpus} CPU cores), expected fewer --workers (at most {cpus})"
+                ) from None
 
 
 # glibc malloc of the worker processes. dask's default pre-spawn environment sets only
@@ -125,37 +334,67 @@ def worker_environment() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def dask_executor(workers: int = 2, scheduler: str | None = None, timeout: float = 10.0) -> Iterator[DaskExecutor]:
+def dask_executor(
+    workers: int = 2,
+    scheduler: str | None = None,
+    timeout: float = 10.0,
+    *,
+    report: Callable[[str], None] | None = None,
+    worker_memory: float | None = None,
+) -> Iterator[DaskExecutor]:
     """A :class:`DaskExecutor` on a new LocalCluster (``workers`` processes, one thread each) or on the
     scheduler at ``scheduler`` (e.g. ``tcp://10.0.0.1:8786``, or one started by dask-jobqueue).
 
-    Raises:
-        DataError: no scheduler answered at ``scheduler`` within ``timeout`` seconds.
-    """
-    import dask
-    from distributed import Client, LocalCluster
+    The LocalCluster's workers start in rounds within a limit that grows with their number
+    (:attr:`DaskExecutor.START_SECONDS`); a warning line comes first when they outnumber the CPU cores or
+    (``worker_memory``: bytes per worker by the memory rule of thumb,
+    :func:`melecole.blockwise.tasks.worker_memory_bytes`) the available memory. The worker processes
+    start with SIGINT blocked: a Ctrl-C reaches only this process, which closes the cluster (no
+    tracebacks of workers interrupted while they start).
 
+    Args:
+        report: where the warning and the "workers started" lines go (default: this module's logger).
+
+    Raises:
+        ConfigError: ``timeout`` is not a positive number of seconds.
+        DataError: no scheduler answered at ``scheduler`` within ``timeout`` seconds, or not all
+            workers started in time.
+    """
+    import math
+
+    from distributed import Client
+
+    from melecole.errors import ConfigError
+
+    if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
+        shown = f"{timeout:g}" if isinstance(timeout, (int, float)) else repr(timeout)
+        raise ConfigError(f"--scheduler-timeout: {shown}, expected a positive number of seconds")
+    warn = report or logger.warning
+    say = report or logger.info
     if scheduler:
+        identity = DaskExecutor.probe(scheduler, timeout)
         try:
             client = Client(scheduler, timeout=f"{timeout}s")
-        except (OSError, TimeoutError, ValueError) as error:
+        except Exception as error:  # the probe answered, then the connection failed: still one line
             reason = " ".join(str(error).split()) or type(error).__name__
             raise DataError(
                 f"--scheduler '{scheduler}': no dask scheduler answered within {timeout:g} s ({reason[:160]}), "
                 "expected the address of a running scheduler (tcp://HOST:PORT)"
             ) from None
         with client:
+            say(f"dask: scheduler {scheduler} with {len(identity.get('workers', {}))} workers")
             yield DaskExecutor(client)
         return
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environment()}), LocalCluster(
-        n_workers=int(workers),
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    warning = DaskExecutor.capacity_warning(int(workers), worker_memory)
+    if warning:
+        warn(warning)
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        client = DaskExecutor.local_cluster(stack, int(workers))
         # Import the block functions in every worker now, so the first pass's time is the work's.
         client.run(import_block_functions)
+        plural = "s" if int(workers) != 1 else ""
+        say(f"dask: {int(workers)} worker{plural} started in {time.perf_counter() - start:.1f} s")
         yield DaskExecutor(client)
 
 

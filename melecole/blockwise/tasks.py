@@ -5,6 +5,11 @@ can call in any process, in any order, any number of times (a rerun rewrites the
 A block counts as done only when its marker exists, and the marker is written (atomically) after
 the block's outputs were completely written.
 
+Every failure is one line (:class:`melecole.errors.DataError`), raised before the block is marked:
+inputs holding NaN / Inf or floats outside [0, 1] (checked as each block is read), a write that fails
+(full disk, quota, file size limit; its temporary is removed) and a work file that cannot be read back
+(a damaged work folder: ``--overwrite`` starts over).
+
 Work folder (beside the output, removed after the output is committed)::
 
     manifest.json       inputs, shape and options (a resumed run must match them)
@@ -17,22 +22,26 @@ Work folder (beside the output, removed after the output is committed)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import itertools
 import json
 import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.blockwise.relabel import relabel_block
 from melecole.blockwise.segment import fragments_of_block, graph_of_block
+from melecole.errors import DataError, MeLeCoLeError
 from melecole.inference.agglomeration import LookupTable, agglomerate
 from melecole.inference.region_graph import RegionGraph, reduce_graphs
+from melecole.io.checks import output_error
 from melecole.io.volumes import LazyVolume, open_volume
 
 __all__ = [
@@ -44,6 +53,8 @@ __all__ = [
     "read_manifest",
     "ensure_work_array",
     "json_safe",
+    "check_block_values",
+    "worker_memory_bytes",
     "fragments_task",
     "graph_task",
     "agglomerate_task",
@@ -53,6 +64,10 @@ __all__ = [
 ]
 
 BLOCK_PASSES = ("fragments", "graph", "relabel")
+
+# Memory rule of thumb per worker (README, bench/RESULTS.md), bytes per voxel of a padded block (block +
+# 2 x halo) with 12 channels: voxel MWS fragments and seeded-watershed fragments.
+WORKER_BYTES_PER_PADDED_VOXEL = {"mws": 600.0, "watershed": 210.0}
 
 # What the block functions import on first use (C++ extensions, stores): ~0.2 s that the first block of
 # every worker would pay, in each run's critical path.
@@ -103,10 +118,49 @@ class BlockwiseJob:
 # ---------------------------------------------------------------------------------- bookkeeping
 
 
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def _write_error(path: Path, error: OSError, temporary: bool = True) -> DataError:
+    """One line for a failed work-folder write: what and why (full disk, quota, file size limit,
+    permission), and that the run can be continued."""
+    message = str(output_error(path, error))
+    if not temporary:
+        message = message.replace("; the temporary file was removed", "")
+    return DataError(f"{message}; the block is not marked done, run the same command with --resume to continue")
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write (zipfile may raise another error while closing after it)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return error
+
+
+def _save_atomically(path: Path, save: Callable[[Path], Any], *, keep_suffix: bool = False) -> None:
+    """``save(temporary)`` then a rename onto ``path``; on failure the temporary is removed and a failed
+    write (OSError) becomes a one-line DataError. ``keep_suffix``: the temporary ends in ``path``'s
+    suffix (np.savez appends .npz to a name without it)."""
+    token = uuid.uuid4().hex[:8]
+    name = f".{path.stem}.tmp-{token}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{token}"
+    temporary = path.parent / name
+    try:
+        save(temporary)
+        os.replace(temporary, path)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise _write_error(path, cause) from error
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    """Writes ``data`` to a temporary beside ``path`` and renames it (one-line DataError on failure)."""
+    _save_atomically(path, lambda temporary: temporary.write_bytes(data))
 
 
 def _marker(job: BlockwiseJob, name: str, index: int) -> Path:
@@ -123,10 +177,17 @@ def mark_done(job: BlockwiseJob, name: str, index: int) -> None:
 
 
 def prepare_workdir(job: BlockwiseJob) -> None:
-    """Creates the work folder, its stores and the manifest (existing ones are kept, for resume)."""
-    for name in BLOCK_PASSES + ("agglomerate",):
-        (job.path / "done" / name).mkdir(parents=True, exist_ok=True)
-    (job.path / "graph").mkdir(exist_ok=True)
+    """Creates the work folder, its stores and the manifest (existing ones are kept, for resume).
+
+    Raises:
+        DataError: a folder or array cannot be created (full disk, permission).
+    """
+    try:
+        for name in BLOCK_PASSES + ("agglomerate",):
+            (job.path / "done" / name).mkdir(parents=True, exist_ok=True)
+        (job.path / "graph").mkdir(exist_ok=True)
+    except OSError as error:
+        raise _write_error(job.path, error, temporary=False) from error
     # Output-sized chunks (blocks are whole numbers of them): halo reads decode little beyond the box.
     chunks = job.options.output_chunks
     ensure_work_array(job.path / "fragments.zarr", job.shape, chunks, np.uint64, job.resolution)
@@ -146,10 +207,13 @@ def ensure_work_array(
 
     if (Path(path) / ".zarray").is_file():
         return
-    array = zarr.create_array(
-        store=str(path), shape=tuple(shape), chunks=list(chunks), dtype=dtype, zarr_format=2, fill_value=0
-    )
-    array.attrs.update({"resolution": list(resolution), "axes": ["z", "y", "x"], "units": "nm", **attrs})
+    try:
+        array = zarr.create_array(
+            store=str(path), shape=tuple(shape), chunks=list(chunks), dtype=dtype, zarr_format=2, fill_value=0
+        )
+        array.attrs.update({"resolution": list(resolution), "axes": ["z", "y", "x"], "units": "nm", **attrs})
+    except OSError as error:
+        raise _write_error(Path(path), error, temporary=False) from error
 
 
 def json_safe(value: Any) -> Any:
@@ -158,9 +222,21 @@ def json_safe(value: Any) -> Any:
 
 
 def read_manifest(workdir: str | os.PathLike) -> dict[str, Any] | None:
-    """The manifest of a work folder, or None when there is none."""
+    """The manifest of a work folder, or None when there is none (one-line DataError when unreadable)."""
     path = Path(workdir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise _damaged(path, error) from error
+
+
+def _damaged(path: Path, error: BaseException) -> DataError:
+    return DataError(
+        f"{path}: cannot read ({_reason(error)}), expected the work files of an interrupted run: the work folder "
+        "is damaged, --overwrite starts over"
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -174,12 +250,120 @@ def _open_array(path: Path) -> Any:
     return zarr.open_array(str(path), mode="r+")
 
 
+def _box_text(box: Sequence[slice]) -> str:
+    return ", ".join(f"{axis} {s.start}:{s.stop}" for axis, s in zip("zyx", box))
+
+
+def check_block_values(values: np.ndarray, url: str, index: int, box: Sequence[slice], read: Sequence[slice]) -> None:
+    """Refuses a block of stored probabilities with NaN / Inf or values outside [0, 1] (uint8, stored as
+    round(255 p), is always valid).
+
+    Args:
+        values: (C, Z, Y, X) affinities or (Z, Y, X) foreground as stored, read over ``read``.
+        url: the input (named in the message).
+        index, box: the block and its (z, y, x) slices.
+        read: the (z, y, x) slices read (the box, or the box and its halo).
+
+    Raises:
+        DataError: one line with the input, the block, the count of bad values and where the first is.
+    """
+    if values.dtype in (np.uint8, np.bool_) or values.size == 0:
+        return
+    with np.errstate(invalid="ignore"):
+        if values.min() >= 0 and values.max() <= 1:  # a NaN fails both comparisons
+            return
+        bad = ~((values >= 0) & (values <= 1))
+    inexact = np.issubdtype(values.dtype, np.inexact)
+    nan = int(np.count_nonzero(np.isnan(values))) if inexact else 0
+    inf = int(np.count_nonzero(np.isinf(values))) if inexact else 0
+    count = int(np.count_nonzero(bad))
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape)]
+    position = [p + s.start for p, s in zip(first[-3:], read)]
+    where = (f"c {first[0]} " if values.ndim == 4 else "") + " ".join(f"{a} {p}" for a, p in zip("zyx", position))
+    halo = ", with its halo" if tuple(read) != tuple(box) else ""
+    raise DataError(
+        f"{url}: block {index} ({_box_text(box)}{halo}): {count} bad value{'s' if count > 1 else ''} "
+        f"({nan} NaN, {inf} Inf, {count - nan - inf} outside [0, 1]), the first at {where}; expected finite "
+        "probabilities in [0, 1] (or uint8 round(255 p)): fix the input, then run again with --overwrite"
+    )
+
+
+def _read_input(url: str, item: tuple, index: int, box: Sequence[slice], read: Sequence[slice]) -> np.ndarray:
+    """``url[item]`` of block ``index``, checked (:func:`check_block_values`)."""
+    try:
+        values = _open(url)[item]
+    except (MeLeCoLeError, MemoryError):
+        raise
+    except Exception as error:  # stores raise many types for a damaged chunk or file
+        raise DataError(
+            f"{url}: cannot read block {index} ({_box_text(box)}): {_reason(error)}, expected a readable volume"
+        ) from error
+    check_block_values(values, url, index, box, read)
+    return values
+
+
 def _read_inputs(
-    job: BlockwiseJob, outer: Sequence[slice], channels: int | None = None
+    job: BlockwiseJob, index: int, read: Sequence[slice], channels: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    affinities = _open(job.affinities_url)[(slice(channels),) + tuple(outer)]
-    foreground = _open(job.foreground_url)[tuple(outer)] if job.foreground_url else None
+    """Affinities (the first ``channels``) and foreground of block ``index`` over ``read``, checked."""
+    box = job.plan.box(index)
+    affinities = _read_input(job.affinities_url, (slice(channels),) + tuple(read), index, box, read)
+    foreground = None
+    if job.foreground_url:
+        foreground = _read_input(job.foreground_url, tuple(read), index, box, read)
     return affinities, foreground
+
+
+def _failing_chunk(array: Any, path: Path, box: Sequence[slice]) -> Path:
+    """The first chunk of ``array`` under ``box`` that cannot be read (``path`` when each can)."""
+    chunks = array.chunks
+    grid = [range(s.start // c, -(-s.stop // c)) for s, c in zip(box, chunks)]
+    for position in itertools.product(*grid):
+        region = tuple(slice(p * c, min((p + 1) * c, n)) for p, c, n in zip(position, chunks, array.shape))
+        try:
+            array[region]
+        except Exception:
+            return path / array.metadata.encode_chunk_key(position)
+    return path
+
+
+def _read_work_array(path: Path, box: Sequence[slice]) -> np.ndarray:
+    """A box of a work-folder zarr array; a chunk that cannot be decoded is named in a one-line DataError."""
+    try:
+        array = _open_array(path)
+    except Exception as error:
+        raise _damaged(path, error) from error
+    try:
+        return np.asarray(array[tuple(box)])
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise _damaged(_failing_chunk(array, path, box), error) from error
+
+
+def _write_work_array(path: Path, box: Sequence[slice], values: np.ndarray) -> None:
+    """Writes a block into a work-folder zarr array (zarr writes each chunk to a temporary and renames it)."""
+    try:
+        _open_array(path)[tuple(box)] = values
+    except OSError as error:
+        raise _write_error(path, error, temporary=False) from error
+
+
+def _load(path: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(path)`` of a work file; a missing or undecodable file is a one-line DataError."""
+    try:
+        return load(path)
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise _damaged(path, error) from error
+
+
+def worker_memory_bytes(block_shape: Sequence[int], halo: Sequence[int], fragments: str) -> float:
+    """Bytes a worker needs by the memory rule of thumb: voxels of a padded block (block + 2 x halo) x
+    :data:`WORKER_BYTES_PER_PADDED_VOXEL` of the fragment mode (the larger, mws, for another mode)."""
+    padded = np.prod([b + 2 * h for b, h in zip(block_shape, halo)], dtype=np.float64)
+    return float(padded) * WORKER_BYTES_PER_PADDED_VOXEL.get(fragments, WORKER_BYTES_PER_PADDED_VOXEL["mws"])
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -195,9 +379,9 @@ def fragments_task(job: BlockwiseJob, index: int) -> int:
     """Fragments of block ``index`` (read with the halo) -> fragments.zarr. Returns the block's voxels."""
     plan = job.plan
     outer, inner = plan.padded(index, job.options.halo)
-    affinities, foreground = _read_inputs(job, outer, job.options.fragment_channels)
+    affinities, foreground = _read_inputs(job, index, outer, job.options.fragment_channels)
     fragments = fragments_of_block(affinities, foreground, inner, index, plan, job.options)
-    _open_array(job.path / "fragments.zarr")[plan.box(index)] = fragments
+    _write_work_array(job.path / "fragments.zarr", plan.box(index), fragments)
     mark_done(job, "fragments", index)
     return int(fragments.size)
 
@@ -206,13 +390,12 @@ def graph_task(job: BlockwiseJob, index: int) -> int:
     """Edges of block ``index`` (fragments read with the offsets' reach) and fragment sizes -> graph/<i>.npz."""
     plan = job.plan
     outer, inner = plan.padded(index, job.options.reach)
-    fragments = np.asarray(_open_array(job.path / "fragments.zarr")[outer])
-    affinities, _ = _read_inputs(job, plan.box(index))
+    fragments = _read_work_array(job.path / "fragments.zarr", outer)
+    affinities, _ = _read_inputs(job, index, plan.box(index))
     graph, ids, sizes = graph_of_block(fragments, affinities, inner, job.options)
-    path = job.path / "graph" / f"{index}.npz"
-    temporary = path.parent / f".{index}.tmp-{uuid.uuid4().hex[:8]}.npz"
-    graph.save(temporary, ids=ids, sizes=sizes)
-    os.replace(temporary, path)
+    _save_atomically(
+        job.path / "graph" / f"{index}.npz", lambda path: graph.save(path, ids=ids, sizes=sizes), keep_suffix=True
+    )
     mark_done(job, "graph", index)
     return int(np.prod([s.stop - s.start for s in plan.box(index)]))
 
@@ -221,11 +404,10 @@ def agglomerate_task(job: BlockwiseJob, index: int = 0) -> dict[str, int]:
     """Reduces every block's edges (in block order), agglomerates, writes lookup.npz."""
     graphs, ids, sizes = [], [], []
     for block in range(job.plan.num_blocks):
-        path = job.path / "graph" / f"{block}.npz"
-        graphs.append(RegionGraph.load(path))
-        with np.load(path) as data:
-            ids.append(data["ids"])
-            sizes.append(data["sizes"])
+        graph, block_ids, block_sizes = _load(job.path / "graph" / f"{block}.npz", _load_graph)
+        graphs.append(graph)
+        ids.append(block_ids)
+        sizes.append(block_sizes)
     graph = reduce_graphs(graphs)
     del graphs
     options = job.options
@@ -237,16 +419,20 @@ def agglomerate_task(job: BlockwiseJob, index: int = 0) -> dict[str, int]:
         threshold=options.threshold,
         min_size=options.min_segment_size,
     )
-    temporary = job.path / f".lookup.tmp-{uuid.uuid4().hex[:8]}.npz"
-    table.save(temporary)
-    os.replace(temporary, job.path / "lookup.npz")
+    _save_atomically(job.path / "lookup.npz", table.save, keep_suffix=True)
     mark_done(job, "agglomerate", index)
     return {"fragments": len(table.fragments), "edges": len(graph), "segments": table.num_segments}
 
 
+def _load_graph(path: Path) -> tuple[RegionGraph, np.ndarray, np.ndarray]:
+    graph = RegionGraph.load(path)
+    with np.load(path) as data:
+        return graph, data["ids"], data["sizes"]
+
+
 @functools.lru_cache(maxsize=2)
 def _lookup(path: str, modified: float) -> LookupTable:
-    return LookupTable.load(path)
+    return _load(Path(path), LookupTable.load)
 
 
 def relabel_task(job: BlockwiseJob, index: int) -> int:
@@ -255,9 +441,13 @@ def relabel_task(job: BlockwiseJob, index: int) -> int:
     fill = job.options.fill_background
     outer, inner = plan.padded(index, job.options.fill_halo if fill else (0, 0, 0))
     lookup_path = job.path / "lookup.npz"
-    table = _lookup(str(lookup_path), lookup_path.stat().st_mtime)
-    fragments = np.asarray(_open_array(job.path / "fragments.zarr")[outer])
+    try:
+        modified = lookup_path.stat().st_mtime
+    except OSError as error:
+        raise _damaged(lookup_path, error) from error
+    table = _lookup(str(lookup_path), modified)
+    fragments = _read_work_array(job.path / "fragments.zarr", outer)
     labels = relabel_block(fragments, table, inner, fill=fill)
-    _open_array(job.output_path)[plan.box(index)] = labels
+    _write_work_array(job.output_path, plan.box(index), labels)
     mark_done(job, "relabel", index)
     return int(labels.size)
