@@ -193,6 +193,57 @@ def test_only_melecole_io_imports_zarr_h5py_or_cloudvolume():
     assert not outside, f"only melecole.io may import {', '.join(STORAGE_LIBRARIES)}: {outside}"
 
 
+# The layer table of docs/ARCHITECTURE.md: a subpackage imports only its own layer or lower ones (and, inside a
+# layer, no cycle: test_no_import_cycle_between_subpackages). The shims and melecole.testing (helpers for tests and
+# benches) sit on top with melecole.cli.
+LAYERS = {
+    "melecole.errors": 0,
+    "melecole.utils": 0,
+    "melecole.config": 0,
+    "melecole.io": 1,
+    "melecole.segmentation": 2,
+    "melecole.evaluation": 2,
+    "melecole.models": 2,
+    "melecole.data": 3,
+    "melecole.losses": 3,
+    "melecole.engine": 4,
+    "melecole.inference": 5,
+    "melecole.visualization": 5,
+    "melecole.blockwise": 6,
+    "melecole.cli": 7,
+    "melecole.testing": 7,
+    **dict.fromkeys(SHIMS, 7),
+}
+
+
+def test_every_subpackage_has_a_layer_and_imports_none_above_it():
+    graph = subpackage_graph(import_graph(_modules()))
+    missing = sorted(set(graph) - set(LAYERS) - {"melecole"})
+    assert not missing, f"subpackages without a layer (add them to LAYERS and docs/ARCHITECTURE.md): {missing}"
+    upward = [
+        f"{source} (layer {LAYERS[source]}) -> {target} (layer {LAYERS[target]})"
+        for source, targets in graph.items()
+        if source in LAYERS
+        for target in targets
+        if target in LAYERS and LAYERS[target] > LAYERS[source]
+    ]
+    assert not upward, upward
+
+
+def test_segmentation_imports_no_deep_learning_and_no_file_format():
+    graph = import_graph(_modules())
+    for module, tree in _modules().items():
+        if not module.startswith("melecole.segmentation"):
+            continue
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        } | {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & {"torch", "h5py", "zarr", "cloudvolume"}, (module, imported)
+        assert all(
+            target.split(".")[1] in ("segmentation", "io", "utils", "errors") for target in graph[module]
+        ), (module, graph[module])
+
+
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_functions_are_short(path: Path):
     long = [

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from melecole.errors import ConfigError, DataError
+from melecole.io.atomic import replace_folder, temporary_name
 from melecole.io.checks import check_disjoint, check_writable_folder
 from melecole.io.ownership import check_replaceable, own_attributes, read_own_attributes
 from melecole.io.volumes import VolumeURL, parse_volume_url
@@ -232,7 +232,7 @@ def _mark_finished(array_folder: Path, fingerprint: dict[str, Any]) -> None:
         document = json.loads(path.read_text()) if path.is_file() else {}
         attributes = document.setdefault(inner, {}) if inner else document
         attributes.update(own_attributes(OUTPUT_KIND, fingerprint=fingerprint, complete=True))
-        temporary = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        temporary = temporary_name(path)
         temporary.write_text(json.dumps(document, indent=2))
         os.replace(temporary, path)
         return
@@ -255,10 +255,4 @@ def commit_output(array_folder: Path, target: OutputTarget, fingerprint: dict[st
     if target.parsed.key:
         _ensure_groups(target)
     check_replaceable(target.final, target.what)
-    old = None
-    if os.path.lexists(target.final):
-        old = target.final.parent / f".{target.final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target.final, old)
-    os.replace(array_folder, target.final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(array_folder, target.final)

@@ -175,11 +175,10 @@ def _model(checkpoint: str, device: str, threads: int) -> Any:
 
 def predict_task(job: PredictionJob, index: int) -> int:
     """Affinities and foreground of block ``index`` -> the prediction folder. Returns the block's voxels."""
-    import zarr
-
     from melecole.inference.chunked import read_padded_block
-    from melecole.inference.outputs import encode_probabilities
     from melecole.inference.sliding_window import predict_volume
+    from melecole.io import open_work_array
+    from melecole.io.codec import encode_probabilities
 
     box = job.plan.box(index)
     raw, inner = read_padded_block(_open(job.input_url), box, job.halo, None)
@@ -187,7 +186,7 @@ def predict_task(job: PredictionJob, index: int) -> int:
     affinities, foreground = predict_volume(model, raw, progress=False, **job.options.predict_kwargs())
     outputs = ((job.affinities_url, affinities, (slice(None),) + box), (job.foreground_url, foreground, box))
     for path, values, target in outputs:
-        zarr.open_array(path, mode="r+")[target] = encode_probabilities(values[(Ellipsis,) + inner], np.uint8)
+        open_work_array(path)[target] = encode_probabilities(values[(Ellipsis,) + inner], np.uint8)
     mark_done(job, PREDICT_PASS, index)
     return int(np.prod([s.stop - s.start for s in box]))
 

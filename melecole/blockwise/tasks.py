@@ -28,7 +28,6 @@ import importlib
 import itertools
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,13 +35,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
-from melecole.blockwise.relabel import relabel_block
-from melecole.blockwise.segment import fragments_of_block, graph_of_block
+from melecole.blockwise.segment import agglomerate_blocks, fragments_of_block, graph_of_block
 from melecole.errors import DataError, MeLeCoLeError
-from melecole.inference.agglomeration import LookupTable, agglomerate
-from melecole.inference.region_graph import RegionGraph, reduce_graphs
+from melecole.io import ensure_work_array as io_ensure_work_array
+from melecole.io import format_modules, open_work_array
+from melecole.io.atomic import temporary_name
 from melecole.io.checks import output_error
 from melecole.io.volumes import LazyVolume, open_volume
+from melecole.segmentation.agglomeration import LookupTable
+from melecole.segmentation.fragments import fragment_algorithm
+from melecole.segmentation.region_graph import RegionGraph
+from melecole.segmentation.relabel import relabel_block
 
 __all__ = [
     "BlockwiseJob",
@@ -65,13 +68,9 @@ __all__ = [
 
 BLOCK_PASSES = ("fragments", "graph", "relabel")
 
-# Memory rule of thumb per worker (README, bench/RESULTS.md), bytes per voxel of a padded block (block +
-# 2 x halo) with 12 channels: voxel MWS fragments and seeded-watershed fragments.
-WORKER_BYTES_PER_PADDED_VOXEL = {"mws": 600.0, "watershed": 210.0}
-
 # What the block functions import on first use (C++ extensions, stores): ~0.2 s that the first block of
 # every worker would pay, in each run's critical path.
-LAZY_IMPORTS = ("zarr", "h5py", "bioimage_cpp.segmentation", "bioimage_cpp.graph.mutex_watershed")
+LAZY_IMPORTS = (*format_modules("zarr", "hdf5"), "bioimage_cpp.segmentation", "bioimage_cpp.graph.mutex_watershed")
 
 
 @dataclass(frozen=True)
@@ -139,15 +138,17 @@ def _os_error(error: BaseException) -> OSError | None:
     return error
 
 
-def _save_atomically(path: Path, save: Callable[[Path], Any], *, keep_suffix: bool = False) -> None:
-    """``save(temporary)`` then a rename onto ``path``; on failure the temporary is removed and a failed
-    write (OSError) becomes a one-line DataError. ``keep_suffix``: the temporary ends in ``path``'s
-    suffix (np.savez appends .npz to a name without it)."""
-    token = uuid.uuid4().hex[:8]
-    name = f".{path.stem}.tmp-{token}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{token}"
-    temporary = path.parent / name
+def _save_atomically(path: Path, save: Callable[[Any], Any], *, binary_file: bool = False) -> None:
+    """``save(temporary)`` then a rename onto ``path`` (temporary: :func:`melecole.io.atomic.temporary_name`);
+    on failure the temporary is removed and a failed write (OSError) becomes a one-line DataError.
+    ``binary_file``: ``save`` gets the temporary opened for writing (np.savez appends .npz to a name)."""
+    temporary = temporary_name(path)
     try:
-        save(temporary)
+        if binary_file:
+            with open(temporary, "wb") as handle:
+                save(handle)
+        else:
+            save(temporary)
         os.replace(temporary, path)
     except Exception as error:
         with contextlib.suppress(OSError):
@@ -202,16 +203,9 @@ def ensure_work_array(
     resolution: Sequence[float], **attrs: Any,
 ) -> None:
     """Creates a zarr (v2) array of a work folder, zero-filled, with the volume attributes; an array that
-    exists already (a resumed run) is kept."""
-    import zarr
-
-    if (Path(path) / ".zarray").is_file():
-        return
+    exists already (a resumed run) is kept (:func:`melecole.io.ensure_work_array`)."""
     try:
-        array = zarr.create_array(
-            store=str(path), shape=tuple(shape), chunks=list(chunks), dtype=dtype, zarr_format=2, fill_value=0
-        )
-        array.attrs.update({"resolution": list(resolution), "axes": ["z", "y", "x"], "units": "nm", **attrs})
+        io_ensure_work_array(path, shape, chunks, dtype, resolution, **attrs)
     except OSError as error:
         raise _write_error(Path(path), error, temporary=False) from error
 
@@ -245,9 +239,7 @@ def _open(url: str) -> LazyVolume:
 
 
 def _open_array(path: Path) -> Any:
-    import zarr
-
-    return zarr.open_array(str(path), mode="r+")
+    return open_work_array(path)
 
 
 def _box_text(box: Sequence[slice]) -> str:
@@ -360,10 +352,10 @@ def _load(path: Path, load: Callable[[Path], Any]) -> Any:
 
 
 def worker_memory_bytes(block_shape: Sequence[int], halo: Sequence[int], fragments: str) -> float:
-    """Bytes a worker needs by the memory rule of thumb: voxels of a padded block (block + 2 x halo) x
-    :data:`WORKER_BYTES_PER_PADDED_VOXEL` of the fragment mode (the larger, mws, for another mode)."""
+    """Bytes a worker needs by the memory rule of thumb: voxels of a padded block (block + 2 x halo) x the
+    fragment algorithm's ``bytes_per_padded_voxel``."""
     padded = np.prod([b + 2 * h for b, h in zip(block_shape, halo)], dtype=np.float64)
-    return float(padded) * WORKER_BYTES_PER_PADDED_VOXEL.get(fragments, WORKER_BYTES_PER_PADDED_VOXEL["mws"])
+    return float(padded) * fragment_algorithm(fragments).bytes_per_padded_voxel
 
 
 # -------------------------------------------------------------------------------------- tasks
@@ -394,7 +386,7 @@ def graph_task(job: BlockwiseJob, index: int) -> int:
     affinities, _ = _read_inputs(job, index, plan.box(index))
     graph, ids, sizes = graph_of_block(fragments, affinities, inner, job.options)
     _save_atomically(
-        job.path / "graph" / f"{index}.npz", lambda path: graph.save(path, ids=ids, sizes=sizes), keep_suffix=True
+        job.path / "graph" / f"{index}.npz", lambda path: graph.save(path, ids=ids, sizes=sizes), binary_file=True
     )
     mark_done(job, "graph", index)
     return int(np.prod([s.stop - s.start for s in plan.box(index)]))
@@ -408,20 +400,10 @@ def agglomerate_task(job: BlockwiseJob, index: int = 0) -> dict[str, int]:
         graphs.append(graph)
         ids.append(block_ids)
         sizes.append(block_sizes)
-    graph = reduce_graphs(graphs)
-    del graphs
-    options = job.options
-    table = agglomerate(
-        graph,
-        np.concatenate(ids),
-        np.concatenate(sizes),
-        mode=options.agglomeration,
-        threshold=options.threshold,
-        min_size=options.min_segment_size,
-    )
-    _save_atomically(job.path / "lookup.npz", table.save, keep_suffix=True)
+    table, edges = agglomerate_blocks(graphs, ids, sizes, job.options)
+    _save_atomically(job.path / "lookup.npz", table.save, binary_file=True)
     mark_done(job, "agglomerate", index)
-    return {"fragments": len(table.fragments), "edges": len(graph), "segments": table.num_segments}
+    return {"fragments": len(table.fragments), "edges": edges, "segments": table.num_segments}
 
 
 def _load_graph(path: Path) -> tuple[RegionGraph, np.ndarray, np.ndarray]:
@@ -438,7 +420,7 @@ def _lookup(path: str, modified: float) -> LookupTable:
 def relabel_task(job: BlockwiseJob, index: int) -> int:
     """Segment ids of block ``index`` (background filled within the fill halo) -> segmentation.zarr."""
     plan = job.plan
-    fill = job.options.fill_background
+    fill = job.options.segmentation.fill_background
     outer, inner = plan.padded(index, job.options.fill_halo if fill else (0, 0, 0))
     lookup_path = job.path / "lookup.npz"
     try:

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import h5py
 import numpy as np
 
+from melecole.errors import DataError
 from melecole.inference.options import PredictOptions
-from melecole.io import output_error
+from melecole.io import open_hdf5, output_error
 from melecole.io.hdf5_output import create_hdf5
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "SEGMENTATION_KEY",
     "STORAGE_DTYPE",
     "VolumeResult",
-    "encode_probabilities",
     "file_sha256",
     "fingerprint",
     "output_paths",
@@ -93,22 +92,6 @@ def results_dir(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLik
 def output_paths(out_dir: Path, prefix: str) -> dict[str, Path]:
     """{kind: ``<out_dir>/<prefix>_<kind>.hdf``} for every result kind."""
     return {kind: out_dir / f"{prefix}_{kind}.hdf" for kind in OUTPUT_KINDS}
-
-
-def encode_probabilities(values: np.ndarray, dtype: Any) -> np.ndarray:
-    """Probabilities in [0, 1] -> ``dtype``: uint8 stores round(255 p), floats are cast."""
-    dtype = np.dtype(dtype)
-    if dtype == np.uint8:
-        return np.rint(np.clip(values.astype(np.float32, copy=False), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return values.astype(dtype, copy=False)
-
-
-def decode_probabilities(values: np.ndarray) -> np.ndarray:
-    """Stored probabilities -> float32 in [0, 1]: uint8 round(255 p) is scaled back, floats are cast."""
-    values = np.asarray(values)
-    if values.dtype == np.uint8:
-        return values.astype(np.float32) * np.float32(1.0 / 255.0)
-    return values.astype(np.float32, copy=False)
 
 
 def file_sha256(path: Path) -> str:
@@ -190,10 +173,10 @@ def read_cached_predictions(paths: dict[str, Path], expected: str) -> tuple[np.n
         if not path.is_file():
             return None
         try:
-            with h5py.File(path, "r") as handle:
+            with open_hdf5(path) as handle:
                 if handle.attrs.get("fingerprint") != expected or key not in handle:
                     return None
                 arrays.append(handle[key][()])
-        except OSError:  # unreadable leftovers are simply recomputed
+        except (OSError, DataError):  # unreadable leftovers are simply recomputed
             return None
     return arrays[0], arrays[1]

@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from melecole.errors import ConfigError, DataError
-from melecole.inference.outputs import AFFINITIES_KEY, VolumeResult, encode_probabilities
+from melecole.inference.outputs import AFFINITIES_KEY, VolumeResult
 from melecole.io import (
     LazyVolume,
     check_writable_folder,
@@ -27,6 +27,7 @@ from melecole.io import (
     output_error,
     parse_volume_url,
 )
+from melecole.io.codec import encode_probabilities
 
 __all__ = ["check_store_url", "export_results", "join_store_url"]
 
@@ -61,14 +62,14 @@ def check_store_url(url: str, flag: str, *, prefix: bool = False, overwrite: boo
         if "file://" in target:  # a relative file:// path: say where it would go
             raise DataError(f"{flag}: {error}") from None
         parsed = None
-    if parsed is None or parsed.format == "hdf5":
+    if parsed is None or not parsed.volume_format.writable:
         raise ConfigError(
             f"{flag} '{url}': give a precomputed URL (precomputed://file:///abs/path, gs://..., s3://...) "
             "or a zarr folder (x.zarr, x.zarr:group)"
         )
     if not parsed.is_local:
         return
-    local = parsed.local_path / (parsed.key or "") if parsed.format == "zarr" else parsed.local_path
+    local = parsed.array_path
     if not overwrite and local.exists():
         raise DataError(f"{flag} '{url}' already exists; remove it or pass --overwrite to replace it")
     check_writable_folder(local.parent, f"{flag} '{url}'")

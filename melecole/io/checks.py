@@ -27,7 +27,9 @@ from typing import Mapping
 import numpy as np
 
 from melecole.errors import DataError
-from melecole.io.volumes import open_hdf5, parse_volume_url
+from melecole.io.atomic import LEGACY_TEMPORARY_NAME, TEMPORARY_NAME
+from melecole.io.formats.hdf5 import open_hdf5
+from melecole.io.volumes import parse_volume_url
 
 __all__ = [
     "FINGERPRINT_ATTRIBUTE",
@@ -43,10 +45,9 @@ __all__ = [
 ]
 
 FINGERPRINT_ATTRIBUTE = "fingerprint"
-# Temporary names of MeLeCoLe's writers: melecole.utils.files.atomic_path (tempfile.mkstemp:
-# ".<name>.<8 random characters>.tmp") and melecole.io.volumes (folders ".<name>.tmp-<8 hex>" and
-# ".<name>.old-<8 hex>" during a replace).
-_TEMPORARY_NAMES = re.compile(r"^\..+(\.[a-z0-9_]{8}\.tmp|\.tmp-[0-9a-f]{8}|\.old-[0-9a-f]{8})$")
+# Temporary names: this version's (melecole.io.atomic.temporary_name, ".<name>.<8 hex>.tmp": files, folders and
+# folders moved aside during a replace) and, so that their leftovers are cleaned too, those of earlier versions.
+_TEMPORARY_NAMES = re.compile(f"{TEMPORARY_NAME.pattern}|{LEGACY_TEMPORARY_NAME.pattern}")
 
 
 def check_finite(array: np.ndarray, where: str) -> None:
@@ -206,10 +207,7 @@ def resolved_location(url: str | os.PathLike) -> Path | None:
         return Path(os.fspath(url)).expanduser().resolve()
     if not parsed.is_local:
         return None
-    root = parsed.local_path.expanduser().resolve()
-    if parsed.format == "zarr" and parsed.key:
-        return (root / parsed.key).resolve()
-    return root
+    return parsed.array_path.expanduser().resolve()
 
 
 def _overlap(output: Path, source: Path) -> str | None:

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from melecole.io.atomic import atomic_path
 from melecole.io.checks import output_error
-from melecole.utils.files import atomic_path
 
 __all__ = ["create_hdf5"]
 
@@ -85,8 +85,9 @@ def create_hdf5(path: str | os.PathLike) -> Iterator[Any]:
     """Yields a new ``h5py.File`` whose content replaces ``path`` only if the block and every write
     succeed.
 
-    The temporary file (``.<name>.<random>.tmp`` beside ``path``) is locked while it is written, so
-    a cleanup of stale temporaries (:func:`melecole.io.remove_stale_temporaries`) leaves it alone.
+    The temporary file (``.<name>.<8 hex>.tmp`` beside ``path``, :func:`melecole.io.atomic.temporary_name`)
+    is locked while it is written, so a cleanup of stale temporaries
+    (:func:`melecole.io.remove_stale_temporaries`) leaves it alone.
 
     Raises:
         DataError: a write failed (full disk, file size limit): one line naming ``path``.
