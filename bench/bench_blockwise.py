@@ -100,8 +100,8 @@ def scores(segmentation: np.ndarray, labels: np.ndarray) -> tuple[float, float, 
 
 
 def whole_volume_mws(affinities: np.ndarray) -> tuple[np.ndarray, float]:
-    from melecole.inference.mws import mutex_watershed
-    from melecole.inference.postprocess import postprocess_segmentation
+    from melecole.segmentation.mws import mutex_watershed
+    from melecole.segmentation.postprocess import postprocess_segmentation
 
     start = time.perf_counter()
     segmentation = mutex_watershed(affinities, OFFSETS)
@@ -178,7 +178,7 @@ def block_shape_spread(synthetic_root: Path, noise: float, draws: int) -> None:
     the dask runs equal exactly): how much of the block-shape spread is chance."""
     import h5py
 
-    from melecole.blockwise.segment import segment_affinities
+    from melecole.blockwise.segment import segment_blockwise_in_memory
 
     print(f"\n## Block-shape spread over noise draws (VI total {' / '.join('x'.join(map(str, b)) for b in BLOCKS)})\n")
     print("| volume | mode | " + " | ".join(f"draw {d}" for d in range(draws)) + " |")
@@ -190,7 +190,7 @@ def block_shape_spread(synthetic_root: Path, noise: float, draws: int) -> None:
         for fragments in ("mws", "watershed"):
             cells = []
             for values in affinities:
-                segmentations = [segment_affinities(values, config(b, fragments)[1])[0] for b in BLOCKS]
+                segmentations = [segment_blockwise_in_memory(values, config(b, fragments)[1])[0] for b in BLOCKS]
                 totals = [sum(scores(segmentation, labels)[:2]) for segmentation in segmentations]
                 cells.append(f"{totals[0]:.3f} / {totals[1]:.3f} ({abs(totals[0] - totals[1]):.3f})")
             print(f"| {name} | {fragments} | " + " | ".join(cells) + " |", flush=True)

@@ -42,7 +42,7 @@ from melecole.data.volume import list_volumes, read_volume
 from melecole.engine.trainer import Trainer
 from melecole.evaluation import best_threshold_baseline
 from melecole.inference import run_inference
-from melecole.inference.postprocess import postprocess_segmentation
+from melecole.segmentation.postprocess import postprocess_segmentation
 
 BASELINE_SIGMAS = (1.0, 2.0)
 BASELINE_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -97,7 +97,7 @@ def evaluate_fragment_graph(cfg, files: dict, labels: np.ndarray) -> dict:
     """The blockwise fragment-graph algorithm (melecole.blockwise, in memory, one block per 32 x 256 x 256)
     on stored affinities and foreground: BLOCKWISE.* and INFERENCE.* post-processing keys of ``cfg``."""
     from melecole.blockwise.plan import build_options
-    from melecole.blockwise.segment import segment_affinities
+    from melecole.blockwise.segment import segment_blockwise_in_memory
     from melecole.evaluation import evaluate_segmentation
     from melecole.io import open_volume
 
@@ -105,7 +105,7 @@ def evaluate_fragment_graph(cfg, files: dict, labels: np.ndarray) -> dict:
     foreground = open_volume(files["membranes"], "membranes").read()
     options = build_options(cfg, block_shape=(32, 256, 256))
     start = time.perf_counter()
-    segmentation, table = segment_affinities(affinities, options, foreground)
+    segmentation, table = segment_blockwise_in_memory(affinities, options, foreground)
     result = evaluate_segmentation(segmentation, labels, top_k=0)
     return {
         "vi_split": result.vi_split, "vi_merge": result.vi_merge, "vi_total": result.vi_split + result.vi_merge,

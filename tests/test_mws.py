@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from melecole.config import get_default_cfg
-from melecole.inference.affinities import affinities_from_labels, offset_valid_mask
-from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
+from melecole.inference.affinities import affinities_from_labels
+from melecole.segmentation.mws import mutex_watershed, mws_weights
+from melecole.utils.offsets import number_of_attractive_channels, offset_valid_mask
 
 OFFSETS = [list(offset) for offset in get_default_cfg().INFERENCE.OFFSETS]  # the 12 default offsets
 

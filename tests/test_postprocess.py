@@ -1,7 +1,7 @@
 import numpy as np
 
 from melecole.evaluation import evaluate_segmentation
-from melecole.inference.postprocess import fill_background, postprocess_segmentation, remove_small_segments
+from melecole.segmentation.postprocess import fill_background, postprocess_segmentation, remove_small_segments
 
 
 def two_objects() -> np.ndarray:

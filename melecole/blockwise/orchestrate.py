@@ -129,7 +129,7 @@ def infer_blockwise(
         if _already_complete(target, job, options, resume, overwrite, report):
             return []
         prepare_prediction(job, resume=resume, overwrite=overwrite, what=target.what)
-        with dask_executor(workers, scheduler, scheduler_timeout) as executor:
+        with dask_executor(workers, scheduler, scheduler_timeout, report=report) as executor:
             report_dashboard(executor, report)
             summaries = [run_pass(job, PREDICT_PASS, predict_task, executor, cfg.LOG.PROGRESS_BAR, report)]
             summaries += segment_blockwise(

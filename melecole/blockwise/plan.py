@@ -7,80 +7,59 @@ and gives each block's box with or without a halo.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from yacs.config import CfgNode as CN
 
 from melecole.errors import ConfigError
-from melecole.inference.mws import number_of_attractive_channels
-from melecole.inference.options import offset_reach
 from melecole.io.volumes import iter_blocks
+from melecole.segmentation.agglomeration import AGGLOMERATION_MODES
+from melecole.segmentation.fragments import FRAGMENT_ALGORITHMS
+from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
 
-__all__ = ["BlockwiseOptions", "BlockPlan", "build_options", "check_blockwise_config", "FRAGMENT_MODES"]
+__all__ = ["BlockwiseOptions", "BlockPlan", "build_options", "check_blockwise_config"]
 
-FRAGMENT_MODES = ("mws", "watershed")
-AGGLOMERATION_MODES = ("mws", "mean")
 Box = tuple[slice, slice, slice]
 Triple = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
 class BlockwiseOptions:
-    """Everything a block task needs besides its inputs (plain values: picklable, json-able).
+    """Block geometry plus the segmentation options: everything a block task needs besides its inputs
+    (plain values: picklable, json-able).
 
     Attributes:
-        offsets: C offsets (dz, dy, dx), nearest-neighbour ones first.
         block_shape: (z, y, x) voxels per block.
         output_chunks: (z, y, x) storage chunks of the segmentation; divide ``block_shape``.
-        halo: (z, y, x) context read around a block for its fragments (>= ``reach``).
+        halo: (z, y, x) context read around a block for its fragments (>= the offsets' reach).
         fill_halo: (z, y, x) context for the background fill.
-        fragments: mws | watershed.
-        agglomeration: mws | mean.
-        threshold: mean-affinity threshold (``agglomeration == "mean"``).
-        background_threshold: foreground probability below which voxels are background (0).
-        strides: mutex-edge strides of the fragment MWS.
-        watershed_threshold: boundary height below which a voxel is interior (watershed seeds).
-        seed_sigma: smoothing of the distance transform before taking seed maxima.
-        min_segment_size: segments with fewer voxels become 0 (then filled, with ``fill_background``).
-        min_fragment_size: fragments with fewer voxels (in block + halo) become background before the
-            region graph (the background fill gives them the nearest segment at the end).
-        fill_background: give voxels left at 0 the nearest segment's label.
+        segmentation: :class:`melecole.segmentation.options.SegmentationOptions` (``blocks`` schedule).
     """
 
-    offsets: tuple[Triple, ...]
     block_shape: Triple
     output_chunks: Triple
     halo: Triple
     fill_halo: Triple
-    fragments: Literal["mws", "watershed"] = "mws"
-    agglomeration: Literal["mws", "mean"] = "mws"
-    threshold: float = 0.5
-    background_threshold: float = 0.5
-    strides: Triple = (1, 1, 1)
-    watershed_threshold: float = 0.5
-    seed_sigma: float = 1.0
-    min_segment_size: int = 0
-    fill_background: bool = True
-    min_fragment_size: int = 0
+    segmentation: SegmentationOptions
+
+    @property
+    def offsets(self) -> tuple[Triple, ...]:
+        return self.segmentation.offsets
 
     @property
     def reach(self) -> Triple:
         """Largest |offset| per axis: the context the region graph needs around a block."""
-        return offset_reach(self.offsets)
-
-    @property
-    def num_attractive(self) -> int:
-        return number_of_attractive_channels(self.offsets)
+        return self.segmentation.reach
 
     @property
     def fragment_channels(self) -> int:
-        """Affinity channels the fragment pass uses: the nearest-neighbour ones for ``watershed``, all
-        for ``mws`` (the long-range channels are its mutex edges)."""
-        return self.num_attractive if self.fragments == "watershed" else len(self.offsets)
+        """Affinity channels the fragment pass reads (the first ones)."""
+        return self.segmentation.fragment_channels
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: (list(map(list, value)) if key == "offsets" else value) for key, value in asdict(self).items()}
+        geometry = {key: list(getattr(self, key)) for key in ("block_shape", "output_chunks", "halo", "fill_halo")}
+        return {**geometry, **self.segmentation.to_dict()}
 
 
 def _triple(value: Sequence[int], key: str) -> Triple:
@@ -91,7 +70,7 @@ def _triple(value: Sequence[int], key: str) -> Triple:
 
 
 def check_blockwise_config(cfg: CN) -> None:
-    """Validates the BLOCKWISE group (one-line ConfigError naming the key)."""
+    """Validates the BLOCKWISE group (one-line ConfigError naming the key); modes from the registries."""
     group = cfg.BLOCKWISE
     for key in ("BLOCK_SHAPE", "OUTPUT_CHUNKS"):
         if min(_triple(group[key], f"BLOCKWISE.{key}")) < 1:
@@ -99,8 +78,10 @@ def check_blockwise_config(cfg: CN) -> None:
     for key in ("HALO", "FILL_HALO"):
         if len(group[key]) and min(_triple(group[key], f"BLOCKWISE.{key}")) < 0:
             raise ConfigError(f"BLOCKWISE.{key}: {list(group[key])}, expected 3 values >= 0 or []")
-    if group.FRAGMENTS not in FRAGMENT_MODES:
-        raise ConfigError(f"BLOCKWISE.FRAGMENTS: '{group.FRAGMENTS}', expected one of {', '.join(FRAGMENT_MODES)}")
+    if group.FRAGMENTS not in FRAGMENT_ALGORITHMS:
+        raise ConfigError(
+            f"BLOCKWISE.FRAGMENTS: '{group.FRAGMENTS}', expected one of {', '.join(FRAGMENT_ALGORITHMS)}"
+        )
     if group.AGGLOMERATION not in AGGLOMERATION_MODES:
         raise ConfigError(
             f"BLOCKWISE.AGGLOMERATION: '{group.AGGLOMERATION}', expected one of {', '.join(AGGLOMERATION_MODES)}"
@@ -123,12 +104,8 @@ def build_options(
     """
     check_blockwise_config(cfg)
     group = cfg.BLOCKWISE
-    offsets = tuple(_triple(o, "INFERENCE.OFFSETS") for o in cfg.INFERENCE.OFFSETS)
-    try:
-        number_of_attractive_channels(offsets)
-    except ValueError as error:
-        raise ConfigError(f"INFERENCE.OFFSETS: {error}") from None
-    reach = offset_reach(offsets)
+    segmentation = build_segmentation_options(cfg, "blocks", fragments=fragments)
+    reach = segmentation.reach
     block = _triple(block_shape if block_shape is not None else group.BLOCK_SHAPE, "--block")
     chunks = _triple(group.OUTPUT_CHUNKS, "BLOCKWISE.OUTPUT_CHUNKS")
     if min(block) < 1:
@@ -143,36 +120,7 @@ def build_options(
     if any(h < r for h, r in zip(halo, reach)):
         raise ConfigError(f"BLOCKWISE.HALO: {list(halo)}, expected at least the largest |offset| {list(reach)}")
     fill_halo = _triple(group.FILL_HALO, "BLOCKWISE.FILL_HALO") if len(group.FILL_HALO) else halo
-    mode = fragments or group.FRAGMENTS
-    if mode not in FRAGMENT_MODES:
-        raise ConfigError(f"--fragments: '{mode}', expected one of {', '.join(FRAGMENT_MODES)}")
-    return BlockwiseOptions(
-        offsets=offsets,
-        block_shape=block,
-        output_chunks=chunks,
-        halo=halo,  # type: ignore[arg-type]
-        fill_halo=fill_halo,  # type: ignore[arg-type]
-        fragments=mode,  # type: ignore[arg-type]
-        agglomeration=group.AGGLOMERATION,
-        threshold=float(group.THRESHOLD),
-        background_threshold=float(cfg.INFERENCE.MWS_BACKGROUND),
-        strides=_triple(cfg.INFERENCE.MWS_STRIDES, "INFERENCE.MWS_STRIDES"),
-        watershed_threshold=float(group.WATERSHED_THRESHOLD),
-        seed_sigma=float(group.SEED_SIGMA),
-        min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
-        fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
-        min_fragment_size=min_fragment_size(cfg, mode),
-    )
-
-
-def min_fragment_size(cfg: CN, mode: str) -> int:
-    """BLOCKWISE.MIN_FRAGMENT_SIZE; -1 (auto): INFERENCE.MIN_SEGMENT_SIZE for mws fragments, 0 for watershed."""
-    value = int(cfg.BLOCKWISE.MIN_FRAGMENT_SIZE)
-    if value < -1:
-        raise ConfigError(f"BLOCKWISE.MIN_FRAGMENT_SIZE: {value}, expected -1 (auto), 0 (keep all) or a size")
-    if value == -1:
-        return int(cfg.INFERENCE.MIN_SEGMENT_SIZE) if mode == "mws" else 0
-    return value
+    return BlockwiseOptions(block, chunks, halo, fill_halo, segmentation)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from melecole.blockwise.tasks import (
     json_safe,
     prepare_workdir,
     relabel_task,
+    worker_memory_bytes,
 )
 from melecole.errors import DataError
 from melecole.io.ownership import OutputLock
@@ -559,7 +560,7 @@ def segment_blockwise(
     Raises:
         DataError / ConfigError: one line, before any work (see :mod:`melecole.blockwise.output`).
     """
-    check_flags(resume, overwrite, scheduler_timeout if executor is None and scheduler else None)
+    check_flags(resume, overwrite, scheduler_timeout if executor is None else None)
     job, target = plan_job(affinities_url, output_url, options, foreground_url=foreground_url, inputs=inputs)
     fingerprint = json_safe({**job.manifest(), **({"prediction": provenance} if provenance else {})})
     with OutputLock(target.workdir, target.what, report):
@@ -569,11 +570,14 @@ def segment_blockwise(
             return []
         report(
             f"{job.plan.num_blocks} blocks of {list(options.block_shape)} over {list(job.shape)}, "
-            f"{options.fragments} fragments, {options.agglomeration} agglomeration"
+            f"{options.segmentation.fragments} fragments, {options.segmentation.agglomeration} agglomeration"
         )
         with contextlib.ExitStack() as stack:
             if executor is None:
-                executor = stack.enter_context(dask_executor(workers, scheduler, scheduler_timeout))
+                memory = worker_memory_bytes(options.block_shape, options.halo, options.segmentation.fragments)
+                executor = stack.enter_context(
+                    dask_executor(workers, scheduler, scheduler_timeout, report=report, worker_memory=memory)
+                )
                 report_dashboard(executor, report)
             summaries = run_job(job, executor, progress=progress, report=report)
         commit_output(job.output_path, target, fingerprint)

@@ -1,6 +1,6 @@
 """The blockwise algorithm on in-memory arrays: the same block functions as the dask runner.
 
-``segment_affinities(affinities, options)`` with a block shape covering the volume is the
+``segment_blockwise_in_memory(affinities, options)`` with a block shape covering the volume is the
 whole-volume fragment-graph segmentation (one block) that ``infer.py`` can use; with smaller blocks
 it reproduces, in one process, exactly what ``python -m melecole.blockwise`` writes.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from melecole.blockwise.fragments import block_fragments, global_fragment_ids
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
-from melecole.blockwise.relabel import relabel_block
-from melecole.inference.agglomeration import LookupTable, agglomerate
-from melecole.inference.outputs import decode_probabilities
-from melecole.inference.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
+from melecole.io.codec import decode_probabilities
+from melecole.segmentation.agglomeration import LookupTable, agglomerate
+from melecole.segmentation.fragments import block_fragments, global_fragment_ids
+from melecole.segmentation.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
+from melecole.segmentation.relabel import relabel_block
 
-__all__ = ["segment_affinities", "fragments_of_block", "graph_of_block"]
+__all__ = ["segment_blockwise_in_memory", "fragments_of_block", "graph_of_block", "agglomerate_blocks"]
 
 
 def fragments_of_block(
@@ -26,17 +26,16 @@ def fragments_of_block(
     """Global fragment ids (uint64, block shape) of block ``index`` from its padded inputs (all channels,
     or only the first ``options.fragment_channels``: the others are not used)."""
     channels = options.fragment_channels
+    segmentation = options.segmentation
     local = block_fragments(
         decode_probabilities(affinities[:channels]),
         options.offsets[:channels],
         inner,
-        mode=options.fragments,
+        mode=segmentation.fragments,
         foreground=None if foreground is None else decode_probabilities(foreground),
-        background_threshold=options.background_threshold,
-        strides=options.strides,
-        interior_threshold=options.watershed_threshold,
-        seed_sigma=options.seed_sigma,
-        min_size=options.min_fragment_size,
+        background_threshold=segmentation.background,
+        params=dict(segmentation.fragment_params),
+        min_size=segmentation.min_fragment_size,
     )
     return global_fragment_ids(local, index, plan.block_voxels)
 
@@ -51,7 +50,23 @@ def graph_of_block(
     return graph, ids, sizes
 
 
-def segment_affinities(
+def agglomerate_blocks(
+    graphs: list[RegionGraph], ids: list[np.ndarray], sizes: list[np.ndarray], options: BlockwiseOptions
+) -> tuple[LookupTable, int]:
+    """Every block's edges and fragment sizes (in block order) -> (lookup table, number of edges).
+
+    Empties ``graphs`` once they are reduced (the reduced graph takes their place in memory)."""
+    graph = reduce_graphs(graphs)
+    graphs.clear()
+    segmentation = options.segmentation
+    table = agglomerate(
+        graph, np.concatenate(ids), np.concatenate(sizes), mode=segmentation.agglomeration,
+        threshold=segmentation.agglomeration_threshold, min_size=segmentation.min_segment_size,
+    )
+    return table, len(graph)
+
+
+def segment_blockwise_in_memory(
     affinities: np.ndarray, options: BlockwiseOptions, foreground: np.ndarray | None = None
 ) -> tuple[np.ndarray, LookupTable]:
     """Fragments per block, region graph, agglomeration, relabel: all in memory.
@@ -84,12 +99,10 @@ def segment_affinities(
         graphs.append(graph)
         ids.append(block_ids)
         sizes.append(block_sizes)
-    table = agglomerate(
-        reduce_graphs(graphs), np.concatenate(ids), np.concatenate(sizes),
-        mode=options.agglomeration, threshold=options.threshold, min_size=options.min_segment_size,
-    )
+    table, _ = agglomerate_blocks(graphs, ids, sizes, options)
+    fill = options.segmentation.fill_background
     segmentation = np.zeros(shape, dtype=np.uint64)
     for index in range(plan.num_blocks):
-        outer, inner = plan.padded(index, options.fill_halo if options.fill_background else (0, 0, 0))
-        segmentation[plan.box(index)] = relabel_block(fragments[outer], table, inner, fill=options.fill_background)
+        outer, inner = plan.padded(index, options.fill_halo if fill else (0, 0, 0))
+        segmentation[plan.box(index)] = relabel_block(fragments[outer], table, inner, fill=fill)
     return segmentation, table

@@ -730,27 +730,6 @@ def generate_dataset(
     return written
 
 
-def box_volume(shape: Sequence[int] = (12, 40, 40), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A tiny labelled volume for tests and fault-injection runs: boxes of distinct ids (6 sections
-    deep, 7 x 7 voxels) separated by 1-voxel boundaries (label 0); the raw is bright inside boxes,
-    dark on the boundaries, plus uniform noise.
-
-    Returns:
-        raw: uint8 (Z, Y, X); labels: uint32 (Z, Y, X).
-    """
-    shape = tuple(int(s) for s in shape)
-    rng = np.random.default_rng(seed)
-    ids = np.zeros(shape, np.uint32)
-    next_id = 1
-    for z in range(0, shape[0], 6):
-        for y in range(0, shape[1], 8):
-            for x in range(0, shape[2], 8):
-                ids[z : z + 6, y + 1 : y + 8, x + 1 : x + 8] = next_id
-                next_id += 1
-    raw = np.where(ids > 0, 180, 40).astype(np.uint8) + rng.integers(0, 30, shape, dtype=np.uint8)
-    return raw, ids
-
-
 def threshold_baseline(
     raw: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] | None = None
 ) -> dict[str, float]:

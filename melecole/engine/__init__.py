@@ -7,7 +7,6 @@
 - ``checkpoint``: self-describing checkpoints (save, load, shape checks, backbone loading).
 - ``optim``: optimizer and learning-rate schedule.
 - ``launch``: worker processes for multi-process training (spawned here, or under torchrun).
-- ``cli``: argument parsing and the ``melecole-train`` / ``melecole-train-distributed`` entry points.
 
 The losses themselves are objectives in :mod:`melecole.losses.objectives`.
 """

@@ -1,6 +1,6 @@
 """Launching worker processes for multi-process training (one per GPU, or CPU processes).
 
-Two ways in, both running one function per rank (``melecole.engine.cli`` passes the training one):
+Two ways in, both running one function per rank (``melecole.cli.train`` passes the training one):
 
 - **Launched here** (``launch``): ``world_size`` processes are spawned on this node. The parent
   hosts the rendezvous store on a socket bound to 127.0.0.1 with a port picked by the OS (no fixed
@@ -49,6 +49,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from melecole.errors import ConfigError, MeLeCoLeError
 from melecole.utils.device import resolve_device
+from melecole.utils.files import atomic_write_text
 
 __all__ = [
     "RankFailure",
@@ -205,9 +206,7 @@ def _run_worker(body: Callable[[], Any], rank: int, error_dir: str | None) -> No
         else:
             record = {"rank": rank, "time": time.time(), "exit_code": exit_code, "message": message,
                       "user_error": user_error}
-            path = Path(error_dir) / f"rank{rank}.json"
-            path.with_suffix(".tmp").write_text(json.dumps(record))
-            path.with_suffix(".tmp").replace(path)
+            atomic_write_text(Path(error_dir) / f"rank{rank}.json", json.dumps(record))
     _shutdown_and_exit(exit_code)
 
 

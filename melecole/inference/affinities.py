@@ -12,12 +12,12 @@ watershed ignores them whatever their value).
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from typing import Literal, Union
 
 import numpy as np
 import torch
 
-from melecole.utils.offsets import offset_slices
+from melecole.utils.offsets import Offsets, check_offsets, offset_slices, offset_valid_mask
 
 __all__ = [
     "INVALID_AFFINITY",
@@ -30,27 +30,8 @@ __all__ = [
 # Value stored for pairs that leave the volume (or, after blending, that no window could compute).
 INVALID_AFFINITY = 0.0
 
-Offsets = Sequence[Sequence[int]]
 Norm = Literal["l1", "l2"]
 ArrayLike = Union[np.ndarray, torch.Tensor]
-
-
-def offset_valid_mask(shape: Sequence[int], offsets: Offsets) -> np.ndarray:
-    """bool (C, Z, Y, X): True where the pair ``(p, p + offsets[c])`` lies inside ``shape``."""
-    shape = tuple(int(s) for s in shape)
-    mask = np.zeros((len(offsets),) + shape, dtype=bool)
-    for channel, offset in enumerate(offsets):
-        slices = offset_slices(shape, offset)
-        if slices is not None:
-            mask[(channel,) + slices[0]] = True
-    return mask
-
-
-def check_offsets(offsets: Offsets, ndim: int) -> list[tuple[int, ...]]:
-    checked = [tuple(int(v) for v in offset) for offset in offsets]
-    if not checked or any(len(offset) != ndim for offset in checked):
-        raise ValueError(f"offsets must be a non-empty list of {ndim}-tuples, got {list(offsets)!r}")
-    return checked
 
 
 def _pair_affinity_into(

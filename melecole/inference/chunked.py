@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from melecole.errors import ConfigError, DataError
-from melecole.inference.options import PredictOptions, default_stride, offset_reach
-from melecole.inference.outputs import encode_probabilities
+from melecole.inference.options import PredictOptions, default_stride
 from melecole.inference.sliding_window import predict_volume
 from melecole.io import (
     LazyVolume,
@@ -40,6 +39,8 @@ from melecole.io import (
     open_volume,
     output_error,
 )
+from melecole.io.codec import encode_probabilities
+from melecole.utils.offsets import offset_reach
 from melecole.utils.progress import progress_bar
 
 __all__ = [

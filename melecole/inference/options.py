@@ -1,6 +1,7 @@
 """Inference options: built once from the config, frozen, passed down.
 
-Only :func:`build_predict_options` and :func:`build_segment_options` read the config; every other
+Only :func:`build_predict_options` reads the prediction config (the segmentation's:
+:func:`melecole.segmentation.options.build_segmentation_options`); every other
 inference function takes these objects (or plain arguments), so a test or another scheduler can
 drive prediction and segmentation without a config. The cache fingerprint of stored predictions is
 :meth:`PredictOptions.fingerprint` plus the checkpoint's content hash (:mod:`melecole.inference.outputs`).
@@ -15,23 +16,16 @@ import torch
 
 from melecole.config.validate import check_inference_windows
 from melecole.inference.tta import TTAVariant, parse_tta
+from melecole.utils.offsets import offset_reach
 
 __all__ = [
     "PredictOptions",
-    "SegmentOptions",
     "build_predict_options",
-    "build_segment_options",
     "default_stride",
-    "offset_reach",
     "resolve_windows",
 ]
 
 Triplet = tuple[int, int, int]
-
-
-def offset_reach(offsets: Sequence[Sequence[int]]) -> Triplet:
-    """Largest |offset| per axis (z, y, x): the context a voxel's affinities need."""
-    return tuple(max(abs(int(o[axis])) for o in offsets) for axis in range(3))  # type: ignore[return-value]
 
 
 def default_stride(window: Sequence[int], margin: Sequence[int], offsets: Sequence[Sequence[int]]) -> list[int]:
@@ -161,55 +155,4 @@ def build_predict_options(cfg: Any) -> PredictOptions:
         amp=bool(cfg.HARDWARE.AMP and device.type == "cuda"),
         num_threads=int(cfg.HARDWARE.NUM_THREADS),
         tta=str(cfg.INFERENCE.TTA),
-    )
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """Mutex watershed and post-processing of stored affinities.
-
-    Attributes:
-        offsets: the affinity channels' offsets (nearest neighbours first).
-        background: voxels with foreground probability below it are background (INFERENCE.MWS_BACKGROUND).
-        strides: mutex-edge strides (z, y, x); randomized: random instead of regular strides.
-        min_segment_size: segments smaller than this (voxels) are removed.
-        fill_background: background voxels take the nearest segment's id.
-        agglomeration: none | mws | mean: merge the watershed's segments on their region graph
-            (INFERENCE.AGGLOMERATION, :mod:`melecole.inference.agglomeration`).
-        agglomeration_threshold: the ``mean`` mode's merge threshold.
-    """
-
-    offsets: tuple[Triplet, ...]
-    background: float = 0.5
-    strides: Triplet = (1, 1, 1)
-    randomized: bool = False
-    min_segment_size: int = 0
-    fill_background: bool = False
-    agglomeration: str = "none"
-    agglomeration_threshold: float = 0.5
-
-    def attrs(self, background: float | None = None) -> dict[str, Any]:
-        """The settings as HDF5 dataset attributes (``background`` overrides the threshold)."""
-        return {
-            "background_threshold": self.background if background is None else background,
-            "strides": list(self.strides),
-            "randomized_strides": self.randomized,
-            "min_segment_size": self.min_segment_size,
-            "fill_background": self.fill_background,
-            "agglomeration": self.agglomeration,
-            "agglomeration_threshold": self.agglomeration_threshold,
-        }
-
-
-def build_segment_options(cfg: Any) -> SegmentOptions:
-    """The segmentation options of a merged config (INFERENCE.*)."""
-    return SegmentOptions(
-        offsets=tuple(tuple(int(v) for v in o) for o in cfg.INFERENCE.OFFSETS),
-        background=float(cfg.INFERENCE.MWS_BACKGROUND),
-        strides=tuple(int(s) for s in cfg.INFERENCE.MWS_STRIDES),
-        randomized=bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
-        min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
-        fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
-        agglomeration=str(cfg.INFERENCE.AGGLOMERATION),
-        agglomeration_threshold=float(cfg.INFERENCE.AGGLOMERATION_THRESHOLD),
     )

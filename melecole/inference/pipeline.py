@@ -26,14 +26,10 @@ import torch
 from melecole.data.volume import Volume
 from melecole.errors import ConfigError
 from melecole.evaluation import evaluate_segmentation
-from melecole.inference.agglomeration import agglomerate
 from melecole.inference.inputs import InputSource, read_input, volume_jobs
-from melecole.inference.mws import mutex_watershed, mws_weights, number_of_attractive_channels
 from melecole.inference.options import (
     PredictOptions,
-    SegmentOptions,
     build_predict_options,
-    build_segment_options,
     resolve_windows,
 )
 from melecole.inference.outputs import (
@@ -48,10 +44,12 @@ from melecole.inference.outputs import (
     write_hdf,
     write_predictions,
 )
-from melecole.inference.postprocess import postprocess_segmentation
-from melecole.inference.region_graph import block_region_graph, fragment_sizes
 from melecole.inference.sliding_window import predict_volume
 from melecole.io import check_writable_folder, model_input, remove_stale_temporaries
+from melecole.segmentation.mws import mws_weights
+from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
+from melecole.segmentation.volume import segment_volume
+from melecole.utils.offsets import number_of_attractive_channels
 
 __all__ = [
     "VolumeResult",
@@ -73,7 +71,7 @@ class _Plan:
 
     model: torch.nn.Module
     predict: PredictOptions
-    segment: SegmentOptions
+    segment: SegmentationOptions
     thresholds: tuple[float, ...]
     out_dir: Path
     checkpoint_file: Path
@@ -102,28 +100,10 @@ def predict_stored(
     return stored, foreground.astype(STORAGE_DTYPE)
 
 
-def agglomerate_segments(labels: np.ndarray, weights: np.ndarray, options: SegmentOptions) -> np.ndarray:
-    """INFERENCE.AGGLOMERATION: the watershed's segments merged on their region graph (mean affinities
-    over each contact; graph mutex watershed or mean threshold), the blockwise algorithm on one block.
-
-    Args:
-        labels: uint64 (Z, Y, X) watershed segments, 0 = background.
-        weights: the mutex watershed's edge weights (:func:`mws_weights`) of the same volume.
-    """
-    whole = tuple(slice(0, size) for size in labels.shape)
-    graph = block_region_graph(labels, weights, options.offsets, whole, mws_weights=True)
-    ids, sizes = fragment_sizes(labels)
-    table = agglomerate(
-        graph, ids, sizes, mode=options.agglomeration, threshold=options.agglomeration_threshold, min_size=0
-    )
-    logger.info("agglomeration (%s): %d segments -> %d", options.agglomeration, len(ids), table.num_segments)
-    return table.apply(labels)
-
-
 def segment_affinities(
     affinities: np.ndarray,
     foreground: np.ndarray,
-    options: SegmentOptions,
+    options: SegmentationOptions,
     thresholds: Sequence[float] = (),
     *,
     weights_ready: bool = False,
@@ -143,21 +123,7 @@ def segment_affinities(
     datasets = {}
     for key, threshold in wanted.items():
         if threshold not in done:
-            logger.info("mutex watershed (background threshold %.2f)", threshold)
-            labels = mutex_watershed(
-                weights,
-                options.offsets,
-                foreground=foreground,
-                background_threshold=threshold,
-                strides=options.strides,
-                randomized=options.randomized,
-                weights_ready=True,
-            )
-            if options.agglomeration != "none":
-                labels = agglomerate_segments(labels, weights, options)
-            done[threshold] = postprocess_segmentation(
-                labels, min_size=options.min_segment_size, fill=options.fill_background
-            )
+            done[threshold] = segment_volume(weights, foreground, options, threshold)
         attrs = {**options.attrs(threshold), "num_segments": int(done[threshold].max())}
         datasets[key] = (done[threshold], attrs)
     return datasets
@@ -274,7 +240,7 @@ def run_inference(
     plan = _Plan(
         model=model,
         predict=predict,
-        segment=build_segment_options(cfg),
+        segment=build_segmentation_options(cfg, "volume"),
         thresholds=tuple(float(t) for t in thresholds),
         out_dir=results_dir(checkpoint_file, output_dir),
         checkpoint_file=checkpoint_file,

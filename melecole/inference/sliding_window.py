@@ -22,9 +22,10 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from melecole.inference.affinities import INVALID_AFFINITY, Offsets, check_offsets
+from melecole.inference.affinities import INVALID_AFFINITY
 from melecole.inference.options import default_stride
 from melecole.inference.tta import IDENTITY, TTAVariant, window_affinities
+from melecole.utils.offsets import Offsets, check_offsets
 from melecole.utils.progress import progress_bar
 
 # _normalise leaves pairs without weight at 0.

@@ -1,6 +1,6 @@
 """Global agglomeration of the fragment graph -> a fragment -> segment lookup table (numpy only).
 
-Two modes:
+Modes (entries of :data:`AGGLOMERATION_MODES`; a new one is a function and one line there):
 
 - ``mws``: graph mutex watershed. Each pair with nearest-neighbour contacts is an attractive edge
   weighted by its mean nearest-neighbour affinity; each pair with long-range contacts is a mutex edge
@@ -18,12 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from melecole.inference.region_graph import RegionGraph
+from melecole.segmentation.region_graph import RegionGraph
 
-__all__ = ["LookupTable", "agglomerate", "graph_mutex_watershed", "mean_affinity_clustering"]
+__all__ = [
+    "AGGLOMERATION_MODES",
+    "AgglomerationMode",
+    "LookupTable",
+    "agglomerate",
+    "agglomeration_mode",
+    "graph_mutex_watershed",
+    "mean_affinity_clustering",
+]
 
 
 @dataclass
@@ -103,6 +112,29 @@ def mean_affinity_clustering(graph: RegionGraph, nodes: np.ndarray, threshold: f
     return labels.astype(np.int64)
 
 
+@dataclass(frozen=True)
+class AgglomerationMode:
+    """An entry of :data:`AGGLOMERATION_MODES`: ``function(graph, nodes, threshold)`` -> (N,) cluster per
+    node (any integer numbering); ``uses_threshold``: whether ``threshold`` matters."""
+
+    function: Callable[[RegionGraph, np.ndarray, float], np.ndarray]
+    uses_threshold: bool = False
+
+
+# Name -> mode: BLOCKWISE.AGGLOMERATION and INFERENCE.AGGLOMERATION (plus "none") read this table.
+AGGLOMERATION_MODES: dict[str, AgglomerationMode] = {
+    "mws": AgglomerationMode(lambda graph, nodes, _threshold: graph_mutex_watershed(graph, nodes)),
+    "mean": AgglomerationMode(mean_affinity_clustering, uses_threshold=True),
+}
+
+
+def agglomeration_mode(name: str) -> AgglomerationMode:
+    """The registered mode ``name``; ValueError listing the choices otherwise."""
+    if name not in AGGLOMERATION_MODES:
+        raise ValueError(f"agglomeration mode '{name}', expected one of {', '.join(AGGLOMERATION_MODES)}")
+    return AGGLOMERATION_MODES[name]
+
+
 def agglomerate(
     graph: RegionGraph,
     nodes: np.ndarray,
@@ -118,19 +150,14 @@ def agglomerate(
         graph: the reduced region graph (edges between ``nodes``).
         nodes: (N,) sorted unique fragment ids (every fragment, also those without edges).
         sizes: (N,) voxel count per fragment.
-        mode: mws | mean.
-        threshold: mean mode only.
+        mode: a name of :data:`AGGLOMERATION_MODES`.
+        threshold: for the modes that take one (``mean``).
         min_size: segments with fewer voxels map to 0.
     """
     nodes = np.asarray(nodes, dtype=np.uint64)
     if len(nodes) == 0:
         return LookupTable(nodes, nodes.copy())
-    if mode == "mws":
-        clusters = graph_mutex_watershed(graph, nodes)
-    elif mode == "mean":
-        clusters = mean_affinity_clustering(graph, nodes, threshold)
-    else:
-        raise ValueError(f"agglomeration mode '{mode}', expected mws or mean")
+    clusters = agglomeration_mode(mode).function(graph, nodes, threshold)
     # Renumber clusters by their first (smallest-id) node: independent of the engine's numbering.
     _, first = np.unique(clusters, return_index=True)
     rank = np.empty(len(first), np.int64)

@@ -1,23 +1,30 @@
 """Fragments of one block (numpy in, numpy out): voxel mutex watershed or a seeded watershed.
 
-Both modes segment the block plus its halo and crop to the block, so the fragments near a block face
-saw context on both sides. Ids inside a block are consecutive from 1 (0 = background); globally
-unique ids come from :func:`global_fragment_ids` (block index x voxels per block, no coordination).
+The algorithms are entries of :data:`FRAGMENT_ALGORITHMS` (a function, the channels it reads, its
+automatic minimum size, its config keys); a new one is a function and one line there (plus its config
+keys in ``melecole/config/defaults.py``). Every algorithm segments the block plus its halo, then the
+result is cropped to the block, so the fragments near a block face saw context on both sides. Ids
+inside a block are consecutive from 1 (0 = background); globally unique ids come from
+:func:`global_fragment_ids` (block index x voxels per block, no coordination).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import fastremap
 import numpy as np
 from scipy import ndimage
 
-from melecole.inference.affinities import offset_slices
-from melecole.inference.mws import mutex_watershed, number_of_attractive_channels
-from melecole.inference.postprocess import remove_small_segments
+from melecole.segmentation.mws import mutex_watershed
+from melecole.segmentation.postprocess import remove_small_segments
+from melecole.utils.offsets import Offsets, number_of_attractive_channels, offset_slices
 
 __all__ = [
+    "FRAGMENT_ALGORITHMS",
+    "FragmentAlgorithm",
+    "fragment_algorithm",
     "drop_small_fragments",
     "block_fragments",
     "mws_fragments",
@@ -26,12 +33,11 @@ __all__ = [
     "global_fragment_ids",
 ]
 
-Offsets = Sequence[Sequence[int]]
 
 
 def _attractive_pairs(offsets: Offsets, shape: Sequence[int]) -> Iterator[tuple[int, tuple, tuple]]:
     """(channel, source, target) slices of every valid pair (p, p + o) of the nearest-neighbour
-    channels (:func:`melecole.inference.affinities.offset_slices`)."""
+    channels (:func:`melecole.utils.offsets.offset_slices`)."""
     for channel in range(number_of_attractive_channels(offsets)):
         slices = offset_slices(shape, offsets[channel])
         if slices is not None:
@@ -138,6 +144,45 @@ def drop_small_fragments(labels: np.ndarray, min_size: int) -> np.ndarray:
     return remove_small_segments(labels, min_size, keep=on_faces)
 
 
+@dataclass(frozen=True)
+class FragmentAlgorithm:
+    """An entry of :data:`FRAGMENT_ALGORITHMS`.
+
+    Attributes:
+        function: ``function(affinities, offsets, foreground, background_threshold, **params)`` -> uint64
+            labels of the padded block (0 = background); ``affinities`` holds the channels it reads.
+        channels: ``all`` or ``attractive`` (only the nearest-neighbour channels are read and decoded).
+        auto_min_size: BLOCKWISE.MIN_FRAGMENT_SIZE -1 (auto) drops fragments under INFERENCE.MIN_SEGMENT_SIZE
+            (voxel-MWS fragments, like ``infer.py``'s segments) instead of keeping all.
+        config_keys: {keyword of ``function``: config key} (its settings; read once into the options).
+        bytes_per_padded_voxel: peak memory of a worker per voxel of a padded block (block + 2 x halo,
+            12 channels), the blockwise memory rule of thumb (measured: docs/blockwise.md).
+    """
+
+    function: Callable[..., np.ndarray]
+    channels: Literal["all", "attractive"] = "all"
+    auto_min_size: bool = False
+    config_keys: Mapping[str, str] = field(default_factory=dict)
+    bytes_per_padded_voxel: float = 600.0
+
+
+# Name -> algorithm: BLOCKWISE.FRAGMENTS, --fragments and the config validation read this table.
+FRAGMENT_ALGORITHMS: dict[str, FragmentAlgorithm] = {
+    "mws": FragmentAlgorithm(mws_fragments, "all", True, {"strides": "INFERENCE.MWS_STRIDES"}, 600.0),
+    "watershed": FragmentAlgorithm(
+        watershed_fragments, "attractive", False,
+        {"interior_threshold": "BLOCKWISE.WATERSHED_THRESHOLD", "seed_sigma": "BLOCKWISE.SEED_SIGMA"}, 210.0,
+    ),
+}
+
+
+def fragment_algorithm(name: str) -> FragmentAlgorithm:
+    """The registered algorithm ``name``; ValueError listing the choices otherwise."""
+    if name not in FRAGMENT_ALGORITHMS:
+        raise ValueError(f"fragment algorithm '{name}', expected one of {', '.join(FRAGMENT_ALGORITHMS)}")
+    return FRAGMENT_ALGORITHMS[name]
+
+
 def block_fragments(
     affinities: np.ndarray,
     offsets: Offsets,
@@ -146,32 +191,27 @@ def block_fragments(
     mode: str = "mws",
     foreground: np.ndarray | None = None,
     background_threshold: float = 0.5,
-    strides: Sequence[int] | None = None,
-    interior_threshold: float = 0.5,
-    seed_sigma: float = 1.0,
+    params: Mapping[str, Any] | None = None,
     min_size: int = 0,
 ) -> np.ndarray:
     """Fragments of one block: segment the padded block, drop fragments under ``min_size`` voxels
     (:func:`drop_small_fragments`, sizes in the padded block), crop to ``inner``, renumber 1..n.
 
     Args:
-        affinities: (C, Z, Y, X) float32 in [0, 1] of the block plus halo.
-        offsets: C offsets (nearest-neighbour first).
+        affinities: (C, Z, Y, X) float32 in [0, 1] of the block plus halo (at least the channels the
+            algorithm reads).
+        offsets: their offsets (nearest-neighbour first).
         inner: the block's slices inside the padded arrays.
-        mode: mws | watershed.
+        mode: a name of :data:`FRAGMENT_ALGORITHMS`.
         foreground: optional (Z, Y, X) foreground probability of the padded block.
+        background_threshold: foreground below it is background.
+        params: the algorithm's own keyword arguments (``SegmentationOptions.fragment_params``).
 
     Returns:
         uint64 (z, y, x) of the block: consecutive ids 1..n in order of first appearance, 0 = background.
     """
-    if mode == "mws":
-        labels = mws_fragments(affinities, offsets, foreground, background_threshold, strides)
-    elif mode == "watershed":
-        labels = watershed_fragments(
-            affinities, offsets, foreground, background_threshold, interior_threshold, seed_sigma
-        )
-    else:
-        raise ValueError(f"fragment mode '{mode}', expected mws or watershed")
+    algorithm = fragment_algorithm(mode)
+    labels = algorithm.function(affinities, offsets, foreground, background_threshold, **dict(params or {}))
     labels = drop_small_fragments(labels, min_size)
     block = np.ascontiguousarray(labels[tuple(inner)])
     block, _ = fastremap.renumber(block, preserve_zero=True, in_place=True)

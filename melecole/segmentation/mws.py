@@ -13,27 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from melecole.inference.affinities import Offsets
+from melecole.utils.offsets import Offsets, number_of_attractive_channels
 
 __all__ = ["mutex_watershed", "mws_weights", "number_of_attractive_channels"]
-
-
-def number_of_attractive_channels(offsets: Offsets) -> int:
-    """How many leading offsets are nearest-neighbour (L1 norm 1) offsets: the attractive channels.
-
-    Raises:
-        ValueError: no leading nearest-neighbour offset, or one appears after a long-range offset.
-    """
-    norms = [sum(abs(int(v)) for v in offset) for offset in offsets]
-    count = 0
-    while count < len(norms) and norms[count] == 1:
-        count += 1
-    if count == 0 or 1 in norms[count:]:
-        raise ValueError(
-            f"offsets must start with the nearest-neighbour offsets (L1 norm 1, attractive edges) and "
-            f"have none later; got {[list(o) for o in offsets]}"
-        )
-    return count
 
 
 def mws_weights(affinities: np.ndarray, num_attractive: int, in_place: bool = False) -> np.ndarray:

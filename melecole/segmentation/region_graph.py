@@ -16,8 +16,8 @@ from typing import Sequence
 import fastremap
 import numpy as np
 
-from melecole.inference.mws import number_of_attractive_channels
-from melecole.inference.outputs import decode_probabilities
+from melecole.io.codec import decode_probabilities
+from melecole.utils.offsets import number_of_attractive_channels
 
 __all__ = ["RegionGraph", "block_region_graph", "fragment_sizes", "reduce_graphs"]
 
@@ -106,7 +106,7 @@ def block_region_graph(
         offsets: C offsets, nearest-neighbour first.
         inner: the block's slices inside ``fragments``.
         mws_weights: ``affinities`` holds the mutex watershed's edge weights instead
-            (:func:`melecole.inference.mws.mws_weights`: 1 - a on long-range channels); the statistics
+            (:func:`melecole.segmentation.mws.mws_weights`: 1 - a on long-range channels); the statistics
             are of the affinities either way.
     """
     # Local ids 1..n-1 in the smallest dtype (0 stays background): the pair masks below touch every

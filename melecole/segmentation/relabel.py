@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from melecole.inference.agglomeration import LookupTable
-from melecole.inference.postprocess import fill_background
+from melecole.segmentation.agglomeration import LookupTable
+from melecole.segmentation.postprocess import fill_background
 
 __all__ = ["relabel_block"]
 

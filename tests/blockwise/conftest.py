@@ -25,7 +25,7 @@ def voronoi_labels(shape=SHAPE, seeds: int = 24, seed: int = 0) -> np.ndarray:
     points = rng.integers(0, shape, size=(seeds, 3))
     markers[tuple(points.T)] = np.arange(1, seeds + 1)
     _, index = ndimage.distance_transform_edt(markers == 0, sampling=(4, 1, 1), return_indices=True)
-    from melecole.inference.postprocess import postprocess_segmentation
+    from melecole.segmentation.postprocess import postprocess_segmentation
 
     labels = cc3d.connected_components(markers[tuple(index)], connectivity=6)
     # Pieces under 20 voxels join their nearest neighbour: every object has an interior.

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 from conftest import noisy_affinities, voronoi_labels
 
-from melecole.blockwise.fragments import block_fragments, drop_small_fragments, global_fragment_ids
 from melecole.blockwise.plan import BlockPlan, build_options
-from melecole.blockwise.relabel import relabel_block
-from melecole.blockwise.segment import fragments_of_block, segment_affinities
+from melecole.blockwise.segment import fragments_of_block, segment_blockwise_in_memory
 from melecole.errors import ConfigError
 from melecole.evaluation import evaluate_segmentation
 from melecole.inference.affinities import affinities_from_labels
-from melecole.inference.agglomeration import LookupTable, agglomerate, graph_mutex_watershed
-from melecole.inference.mws import mutex_watershed
-from melecole.inference.outputs import decode_probabilities
-from melecole.inference.postprocess import postprocess_segmentation
-from melecole.inference.region_graph import RegionGraph, block_region_graph, reduce_graphs
+from melecole.io.codec import decode_probabilities
+from melecole.segmentation.agglomeration import LookupTable, agglomerate, graph_mutex_watershed
+from melecole.segmentation.fragments import block_fragments, drop_small_fragments, global_fragment_ids
+from melecole.segmentation.mws import mutex_watershed
+from melecole.segmentation.postprocess import postprocess_segmentation
+from melecole.segmentation.region_graph import RegionGraph, block_region_graph, reduce_graphs
+from melecole.segmentation.relabel import relabel_block
 
 NEAREST = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
 
@@ -75,7 +75,7 @@ def _same_graph(a: RegionGraph, b: RegionGraph) -> None:
 
 
 def test_region_graph_of_stored_uint8_and_both_counting_paths_agree(monkeypatch):
-    import melecole.inference.region_graph as region_graph
+    import melecole.segmentation.region_graph as region_graph
 
     rng = np.random.default_rng(4)
     # Ids out of order and far apart (local ids follow first appearance), background 0 in places.
@@ -166,7 +166,7 @@ def test_perfect_affinities_give_the_labels(blockwise_cfg, mode, block):
     cfg = blockwise_cfg.clone()
     cfg.INFERENCE.MIN_SEGMENT_SIZE = 0  # the labels hold a one-voxel object
     options = build_options(cfg, block_shape=block, fragments=mode)
-    segmentation, table = segment_affinities(affinities, options)
+    segmentation, table = segment_blockwise_in_memory(affinities, options)
     assert segmentation.dtype == np.uint64 and segmentation.shape == labels.shape
     assert same_partition(segmentation, labels)
     assert table.num_segments == len(np.unique(labels))
@@ -182,8 +182,8 @@ def test_blockwise_close_to_whole_volume_mws_and_deterministic(blockwise_cfg):
     scores = {}
     for block in [(16, 48, 48), (8, 16, 16), (8, 32, 16)]:
         options = build_options(blockwise_cfg, block_shape=block)
-        segmentation, _ = segment_affinities(affinities, options)
-        again, _ = segment_affinities(affinities, options)
+        segmentation, _ = segment_blockwise_in_memory(affinities, options)
+        again, _ = segment_blockwise_in_memory(affinities, options)
         np.testing.assert_array_equal(segmentation, again)
         result = evaluate_segmentation(segmentation, labels, top_k=0)
         scores[block] = result.vi_split + result.vi_merge
@@ -203,7 +203,7 @@ def test_options_validation(blockwise_cfg):
     with pytest.raises(ConfigError, match="BLOCKWISE.FRAGMENTS: 'slic'"):
         build_options(cfg)
     options = build_options(blockwise_cfg)
-    assert options.reach == (2, 5, 5) and options.halo == (4, 10, 10) and options.num_attractive == 3
+    assert options.reach == (2, 5, 5) and options.halo == (4, 10, 10) and options.segmentation.num_attractive == 3
 
 
 def test_drop_small_fragments_sets_them_to_background():
@@ -226,10 +226,10 @@ def test_drop_small_fragments_sets_them_to_background():
 def test_min_fragment_size_option(blockwise_cfg):
     cfg = blockwise_cfg.clone()
     cfg.INFERENCE.MIN_SEGMENT_SIZE = 25
-    assert build_options(cfg, fragments="mws").min_fragment_size == 25  # auto: voxel-MWS segments
-    assert build_options(cfg, fragments="watershed").min_fragment_size == 0
+    assert build_options(cfg, fragments="mws").segmentation.min_fragment_size == 25  # auto: voxel-MWS segments
+    assert build_options(cfg, fragments="watershed").segmentation.min_fragment_size == 0
     cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = 7
-    assert build_options(cfg, fragments="watershed").min_fragment_size == 7
+    assert build_options(cfg, fragments="watershed").segmentation.min_fragment_size == 7
     cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = -2
     with pytest.raises(ConfigError, match="BLOCKWISE.MIN_FRAGMENT_SIZE: -2, expected -1"):
         build_options(cfg)
@@ -250,8 +250,8 @@ def test_block_fragments_crop_and_renumber(blockwise_cfg):
 def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwise_cfg, mode):
     """INFERENCE.AGGLOMERATION in the whole-volume pipeline is the blockwise algorithm (mws fragments)
     on one block: the same partition, and it merges the noisy voxel MWS's pieces."""
-    from melecole.inference.options import build_segment_options
     from melecole.inference.pipeline import segment_affinities as pipeline_segment
+    from melecole.segmentation.options import build_segmentation_options
 
     labels = voronoi_labels()
     affinities = noisy_affinities(labels, blockwise_cfg.INFERENCE.OFFSETS, noise=0.2)
@@ -260,12 +260,12 @@ def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwi
     cfg.INFERENCE.AGGLOMERATION, cfg.INFERENCE.AGGLOMERATION_THRESHOLD = mode, 0.6
     cfg.BLOCKWISE.AGGLOMERATION, cfg.BLOCKWISE.THRESHOLD = mode, 0.6
     cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = 0  # every voxel-MWS segment a node, as in the pipeline
-    segmented = pipeline_segment(affinities, foreground, build_segment_options(cfg))
+    segmented = pipeline_segment(affinities, foreground, build_segmentation_options(cfg, "volume"))
     merged, attrs = segmented["segmentation"]
     assert attrs["agglomeration"] == mode
     options = build_options(cfg, block_shape=labels.shape, fragments="mws")
-    expected, _ = segment_affinities(affinities, options, foreground)
+    expected, _ = segment_blockwise_in_memory(affinities, options, foreground)
     assert same_partition(merged, expected)
     cfg.INFERENCE.AGGLOMERATION = "none"
-    plain, _ = pipeline_segment(affinities, foreground, build_segment_options(cfg))["segmentation"]
+    plain, _ = pipeline_segment(affinities, foreground, build_segmentation_options(cfg, "volume"))["segmentation"]
     assert len(np.unique(merged)) < len(np.unique(plain))

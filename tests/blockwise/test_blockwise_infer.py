@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from melecole.blockwise.plan import build_options
-from melecole.blockwise.segment import segment_affinities
+from melecole.blockwise.segment import segment_blockwise_in_memory
 from melecole.config import load_cfg
 from melecole.engine.checkpoint import save_checkpoint
 from melecole.io import open_volume, write_volume
@@ -51,7 +51,7 @@ def test_infer_blockwise_equals_affinities_only_then_in_memory(tmp_path, dask_cl
     only = ["--affinities-only", "--output-dtype", "uint8", "--output-affinities", str(tmp_path / "a.zarr")]
     assert infer.main([*only, "--output-membranes", str(tmp_path / "f.zarr"), *common]) == 0
     affinities, foreground = open_volume(tmp_path / "a.zarr").read(), open_volume(tmp_path / "f.zarr").read()
-    expected, _ = segment_affinities(affinities, build_options(cfg, block_shape=(8, 16, 16)), foreground)
+    expected, _ = segment_blockwise_in_memory(affinities, build_options(cfg, block_shape=(8, 16, 16)), foreground)
     np.testing.assert_array_equal(open_volume(tmp_path / "seg.zarr").read(), expected)
     assert not any(p.name.startswith(".seg.zarr") for p in tmp_path.iterdir())  # work folders removed
 

@@ -23,7 +23,7 @@ from melecole.blockwise.runner import (
     work_folder,
     worker_environment,
 )
-from melecole.blockwise.segment import segment_affinities
+from melecole.blockwise.segment import segment_blockwise_in_memory
 from melecole.cli.blockwise import main
 from melecole.io.volumes import open_volume, parse_volume_url
 
@@ -50,7 +50,7 @@ def _read(url: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(tiny_volume, blockwise_cfg) -> np.ndarray:
     """The in-memory blockwise result (blocks 8 x 16 x 16) the file-based runs must reproduce exactly."""
-    segmentation, _ = segment_affinities(tiny_volume["affinities"], build_options(blockwise_cfg))
+    segmentation, _ = segment_blockwise_in_memory(tiny_volume["affinities"], build_options(blockwise_cfg))
     return segmentation
 
 
