@@ -16,7 +16,7 @@ from melecole.errors import ConfigError
 from melecole.io.volumes import iter_blocks
 from melecole.segmentation.agglomeration import AGGLOMERATION_MODES
 from melecole.segmentation.fragments import FRAGMENT_ALGORITHMS
-from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
+from melecole.segmentation.options import SegmentationOptions, build_segmentation_options, config_triple
 
 __all__ = ["BlockwiseOptions", "BlockPlan", "build_options", "check_blockwise_config"]
 
@@ -62,21 +62,14 @@ class BlockwiseOptions:
         return {**geometry, **self.segmentation.to_dict()}
 
 
-def _triple(value: Sequence[int], key: str) -> Triple:
-    values = [int(v) for v in value]
-    if len(values) != 3:
-        raise ConfigError(f"{key}: {list(value)}, expected 3 values (z, y, x)")
-    return tuple(values)  # type: ignore[return-value]
-
-
 def check_blockwise_config(cfg: CN) -> None:
     """Validates the BLOCKWISE group (one-line ConfigError naming the key); modes from the registries."""
     group = cfg.BLOCKWISE
     for key in ("BLOCK_SHAPE", "OUTPUT_CHUNKS"):
-        if min(_triple(group[key], f"BLOCKWISE.{key}")) < 1:
+        if min(config_triple(group[key], f"BLOCKWISE.{key}")) < 1:
             raise ConfigError(f"BLOCKWISE.{key}: {list(group[key])}, expected 3 positive values (z, y, x)")
     for key in ("HALO", "FILL_HALO"):
-        if len(group[key]) and min(_triple(group[key], f"BLOCKWISE.{key}")) < 0:
+        if len(group[key]) and min(config_triple(group[key], f"BLOCKWISE.{key}")) < 0:
             raise ConfigError(f"BLOCKWISE.{key}: {list(group[key])}, expected 3 values >= 0 or []")
     if group.FRAGMENTS not in FRAGMENT_ALGORITHMS:
         raise ConfigError(
@@ -106,8 +99,8 @@ def build_options(
     group = cfg.BLOCKWISE
     segmentation = build_segmentation_options(cfg, "blocks", fragments=fragments)
     reach = segmentation.reach
-    block = _triple(block_shape if block_shape is not None else group.BLOCK_SHAPE, "--block")
-    chunks = _triple(group.OUTPUT_CHUNKS, "BLOCKWISE.OUTPUT_CHUNKS")
+    block = config_triple(block_shape if block_shape is not None else group.BLOCK_SHAPE, "--block")
+    chunks = config_triple(group.OUTPUT_CHUNKS, "BLOCKWISE.OUTPUT_CHUNKS")
     if min(block) < 1:
         raise ConfigError(f"--block: {list(block)}, expected 3 positive values (z, y, x)")
     if any(b % c for b, c in zip(block, chunks)):
@@ -116,10 +109,10 @@ def build_options(
             f"--block: {list(block)} is not a multiple of the output chunks BLOCKWISE.OUTPUT_CHUNKS {list(chunks)}, "
             f"expected e.g. {aligned} (no two tasks may write one chunk)"
         )
-    halo = _triple(group.HALO, "BLOCKWISE.HALO") if len(group.HALO) else tuple(2 * r for r in reach)
+    halo = config_triple(group.HALO, "BLOCKWISE.HALO") if len(group.HALO) else tuple(2 * r for r in reach)
     if any(h < r for h, r in zip(halo, reach)):
         raise ConfigError(f"BLOCKWISE.HALO: {list(halo)}, expected at least the largest |offset| {list(reach)}")
-    fill_halo = _triple(group.FILL_HALO, "BLOCKWISE.FILL_HALO") if len(group.FILL_HALO) else halo
+    fill_halo = config_triple(group.FILL_HALO, "BLOCKWISE.FILL_HALO") if len(group.FILL_HALO) else halo
     return BlockwiseOptions(block, chunks, halo, fill_halo, segmentation)  # type: ignore[arg-type]
 
 

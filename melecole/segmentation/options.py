@@ -16,7 +16,7 @@ from melecole.segmentation.agglomeration import AGGLOMERATION_MODES
 from melecole.segmentation.fragments import FRAGMENT_ALGORITHMS, fragment_algorithm
 from melecole.utils.offsets import number_of_attractive_channels, offset_reach
 
-__all__ = ["SegmentationOptions", "build_segmentation_options", "Schedule"]
+__all__ = ["SegmentationOptions", "build_segmentation_options", "config_triple", "Schedule"]
 
 Triple = tuple[int, int, int]
 Schedule = Literal["volume", "blocks"]
@@ -87,7 +87,8 @@ class SegmentationOptions:
         }
 
 
-def _triple(value: Any, key: str) -> Triple:
+def config_triple(value: Any, key: str) -> Triple:
+    """A (z, y, x) config value as an int triple; one-line ConfigError naming ``key`` otherwise."""
     values = [int(v) for v in value]
     if len(values) != 3:
         raise ConfigError(f"{key}: {list(value)}, expected 3 values (z, y, x)")
@@ -128,7 +129,7 @@ def build_segmentation_options(
         ConfigError: offsets without leading nearest-neighbour offsets, an unknown fragment algorithm
             or agglomeration mode (the message lists the choices).
     """
-    offsets = tuple(_triple(o, "INFERENCE.OFFSETS") for o in cfg.INFERENCE.OFFSETS)
+    offsets = tuple(config_triple(o, "INFERENCE.OFFSETS") for o in cfg.INFERENCE.OFFSETS)
     try:
         number_of_attractive_channels(offsets)
     except ValueError as error:
@@ -136,7 +137,7 @@ def build_segmentation_options(
     common = dict(
         offsets=offsets,
         background=float(cfg.INFERENCE.MWS_BACKGROUND),
-        strides=_triple(cfg.INFERENCE.MWS_STRIDES, "INFERENCE.MWS_STRIDES"),
+        strides=config_triple(cfg.INFERENCE.MWS_STRIDES, "INFERENCE.MWS_STRIDES"),
         randomized=bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
         min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
         fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
