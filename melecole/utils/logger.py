@@ -12,6 +12,19 @@ LOGGER_NAME = "melecole"
 _EARLY_RECORDS = 10000
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted, not the stream of the moment the
+    handler was made (a tool or test that replaced and closed ``sys.stdout`` would get logging errors)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def setup_logging(
     run_dir: str | Path | None = None, rank: int = 0, level: int = logging.INFO, keep_early: bool = False
 ) -> logging.Logger:
@@ -29,7 +42,7 @@ def setup_logging(
     logger.propagate = False
     prefix = "" if rank == 0 else f"[rank {rank}] "
     formatter = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", datefmt="%H:%M:%S")
-    console = logging.StreamHandler(sys.stdout)
+    console = _StdoutHandler()
     console.setFormatter(formatter)
     logger.addHandler(console)
     if rank == 0:
