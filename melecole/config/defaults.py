@@ -208,9 +208,15 @@ _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False
 _C.INFERENCE.MIN_SEGMENT_SIZE = 20
 _C.INFERENCE.FILL_BACKGROUND = True
 # After the watershed, before the size filter: merge its segments on their region graph (the
-# blockwise algorithm on one block; melecole/inference/agglomeration.py). none | mws (graph mutex
+# blockwise algorithm on one block; melecole/segmentation/agglomeration.py). none | mws (graph mutex
 # watershed: mean nearest-neighbour affinity attracts, 1 - mean long-range affinity repels) | mean
-# (merge neighbours whose mean nearest-neighbour affinity exceeds AGGLOMERATION_THRESHOLD).
+# (merge neighbours whose mean nearest-neighbour affinity exceeds AGGLOMERATION_THRESHOLD, one shot)
+# | gasp_average (hierarchical average linkage, GASP: the pair with the highest mean affinity merges
+# next, its scores recomputed over all merged contacts, until none exceeds the threshold)
+# | mala_median (hierarchical, MALA-style: the highest median of the merged pairs' mean affinities
+# merges next, until it is not above the threshold) | multicut (costs logit(mean affinity) -
+# logit(threshold), times contacts; greedy additive + Kernighan-Lin). melecole-tune scores every
+# mode and threshold on a labelled volume at once (docs/inference.md, Tuning).
 _C.INFERENCE.AGGLOMERATION = "none"
 _C.INFERENCE.AGGLOMERATION_THRESHOLD = 0.5
 # Test-time augmentation (melecole/inference/tta.py): "none", or letters from "zyxt" (z / y / x flip,
@@ -274,7 +280,8 @@ _C.BLOCKWISE.SEED_SIGMA = 1.0
 _C.BLOCKWISE.MIN_FRAGMENT_SIZE = -1
 # Agglomeration of the fragment graph: mws (graph mutex watershed: mean nearest-neighbour affinity
 # attracts, 1 - mean long-range affinity repels) | mean (merge pairs whose mean nearest-neighbour
-# affinity exceeds THRESHOLD; connected components).
+# affinity exceeds THRESHOLD; connected components) | gasp_average | mala_median | multicut
+# (hierarchical, THRESHOLD as INFERENCE.AGGLOMERATION_THRESHOLD above; melecole-tune --blockwise).
 _C.BLOCKWISE.AGGLOMERATION = "mws"
 _C.BLOCKWISE.THRESHOLD = 0.5
 # Background fill (INFERENCE.FILL_BACKGROUND) looks this far (z, y, x) around a block for the nearest

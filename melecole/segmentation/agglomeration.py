@@ -7,7 +7,28 @@ Modes (entries of :data:`AGGLOMERATION_MODES`; a new one is a function and one l
   weighted by 1 - its mean long-range affinity. Like the voxel MWS, all edges are processed in one
   pass, strongest first (bioimage-cpp's ``mutex_watershed_clustering``).
 - ``mean``: merge every pair whose mean nearest-neighbour affinity exceeds ``threshold``
-  (connected components of those edges).
+  (connected components of those edges, one shot: scores are not recomputed after a merge).
+
+Hierarchical modes (bioimage-cpp ``graph.agglomeration`` / ``graph.multicut``): the graph is the
+region adjacency graph (pairs with nearest-neighbour contacts; pairs that only have long-range
+contacts are left out, so a segment is always connected), and after each merge the score of every
+edge of the merged segment is recomputed from the merged statistics.
+
+- ``gasp_average``: GASP with average (mean) linkage on signed weights ``a - threshold``, where ``a``
+  is a pair's mean nearest-neighbour affinity, weighted by its contact count. After a merge, the
+  parallel edges combine to ``(sum of affinities) / (number of contacts) - threshold`` of the two
+  segments, exactly; the strongest positive edge merges next, and merging stops when none is positive.
+  Merge heights never increase (average linkage has no reversals), so a higher threshold cuts the
+  same merge tree earlier: never fewer segments.
+- ``mala_median``: MALA-style median linkage (bioimage-cpp ``MalaClusterPolicy``, 256 histogram
+  bins): the pair with the highest median affinity merges next while that median exceeds
+  ``threshold``. The median is over the merged fragment pairs' mean affinities, each fragment pair
+  counting once (the region graph keeps sums, not per-contact histograms as waterz does). Also one
+  merge tree cut at ``threshold``.
+- ``multicut``: the multicut of the region adjacency graph with costs
+  ``(logit(a) - logit(threshold)) * contacts`` (positive: join), solved by greedy additive edge
+  contraction then Kernighan-Lin (deterministic). A higher threshold cuts more, but the solver is a
+  heuristic, so the number of segments is not guaranteed monotone in it.
 
 Segment ids are consecutive from 1 in the order of each segment's smallest fragment id, so the table
 depends only on the graph, never on the order blocks were processed in. Segments smaller than
@@ -30,8 +51,11 @@ __all__ = [
     "LookupTable",
     "agglomerate",
     "agglomeration_mode",
+    "gasp_average_clustering",
     "graph_mutex_watershed",
+    "mala_median_clustering",
     "mean_affinity_clustering",
+    "multicut_clustering",
 ]
 
 
@@ -112,6 +136,71 @@ def mean_affinity_clustering(graph: RegionGraph, nodes: np.ndarray, threshold: f
     return labels.astype(np.int64)
 
 
+def _adjacency(graph: RegionGraph, nodes: np.ndarray) -> tuple[object, np.ndarray, np.ndarray]:
+    """(bioimage-cpp graph of the pairs with nearest-neighbour contacts, their mean nearest-neighbour
+    affinity, their contact count); edge i of the graph is the i-th such pair (u < v, sorted)."""
+    from bioimage_cpp.graph import UndirectedGraph
+
+    u, v = _node_index(graph, nodes)
+    adjacent = graph.attractive_count > 0
+    counts = graph.attractive_count[adjacent].astype(np.float64)
+    means = graph.attractive_sum[adjacent] / counts
+    network = UndirectedGraph(len(nodes))
+    network.insert_edges(np.stack([u[adjacent], v[adjacent]], axis=1).astype(np.uint64))
+    return network, means, counts
+
+
+def _singletons(nodes: np.ndarray) -> np.ndarray:
+    return np.arange(len(nodes), dtype=np.int64)
+
+
+def gasp_average_clustering(graph: RegionGraph, nodes: np.ndarray, threshold: float) -> np.ndarray:
+    """GASP average linkage on ``mean affinity - threshold`` weighted by contacts (module docstring)."""
+    from bioimage_cpp.graph.agglomeration import GaspClusterPolicy
+
+    network, means, counts = _adjacency(graph, nodes)
+    if not len(means):
+        return _singletons(nodes)
+    labels = GaspClusterPolicy(linkage="mean").optimize(network, means - float(threshold), edge_sizes=counts)
+    return np.asarray(labels, dtype=np.int64)
+
+
+MALA_BINS = 256
+
+
+def mala_median_clustering(graph: RegionGraph, nodes: np.ndarray, threshold: float) -> np.ndarray:
+    """MALA median linkage: merge while the highest median affinity exceeds ``threshold`` (module docstring)."""
+    from bioimage_cpp.graph.agglomeration import MalaClusterPolicy
+
+    network, means, _ = _adjacency(graph, nodes)
+    if not len(means):
+        return _singletons(nodes)
+    # The policy merges the lowest boundary indicator first and stops when it reaches its threshold.
+    policy = MalaClusterPolicy(num_bins=MALA_BINS, num_clusters_stop=0, threshold=1.0 - float(threshold))
+    return np.asarray(policy.optimize(network, 1.0 - means), dtype=np.int64)
+
+
+# Affinities and thresholds are clipped to [eps, 1 - eps] before the log-odds (finite costs).
+MULTICUT_EPSILON = 1e-6
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(p, MULTICUT_EPSILON, 1.0 - MULTICUT_EPSILON)
+    return np.log(p) - np.log1p(-p)
+
+
+def multicut_clustering(graph: RegionGraph, nodes: np.ndarray, threshold: float) -> np.ndarray:
+    """Multicut (greedy additive + Kernighan-Lin) with costs (logit(a) - logit(threshold)) * contacts."""
+    from bioimage_cpp.graph.multicut import KernighanLinMulticut, MulticutObjective
+
+    network, means, counts = _adjacency(graph, nodes)
+    if not len(means):
+        return _singletons(nodes)
+    costs = (_logit(means) - _logit(float(threshold))) * counts
+    labels = KernighanLinMulticut().optimize(MulticutObjective(network, costs))
+    return np.asarray(labels, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class AgglomerationMode:
     """An entry of :data:`AGGLOMERATION_MODES`: ``function(graph, nodes, threshold)`` -> (N,) cluster per
@@ -125,6 +214,9 @@ class AgglomerationMode:
 AGGLOMERATION_MODES: dict[str, AgglomerationMode] = {
     "mws": AgglomerationMode(lambda graph, nodes, _threshold: graph_mutex_watershed(graph, nodes)),
     "mean": AgglomerationMode(mean_affinity_clustering, uses_threshold=True),
+    "gasp_average": AgglomerationMode(gasp_average_clustering, uses_threshold=True),
+    "mala_median": AgglomerationMode(mala_median_clustering, uses_threshold=True),
+    "multicut": AgglomerationMode(multicut_clustering, uses_threshold=True),
 }
 
 
@@ -151,7 +243,7 @@ def agglomerate(
         nodes: (N,) sorted unique fragment ids (every fragment, also those without edges).
         sizes: (N,) voxel count per fragment.
         mode: a name of :data:`AGGLOMERATION_MODES`.
-        threshold: for the modes that take one (``mean``).
+        threshold: for the modes that take one (all but ``mws``).
         min_size: segments with fewer voxels map to 0.
     """
     nodes = np.asarray(nodes, dtype=np.uint64)
