@@ -359,12 +359,13 @@ def test_console_scripts_point_at_the_entry_functions(tmp_path):
     scripts = {entry.name: entry for entry in entry_points(group="console_scripts")}
     assert scripts["melecole-train"].load() is train_main
     assert scripts["melecole-train-distributed"].load() is train_distributed_main
-    others = ("melecole-infer", "melecole-evaluate", "melecole-view", "melecole-blockwise")
+    others = ("melecole-infer", "melecole-evaluate", "melecole-view", "melecole-blockwise", "melecole-tune")
     assert {name: scripts[name].value for name in others} == {
         "melecole-infer": "melecole.cli.infer:main",
         "melecole-evaluate": "melecole.cli.evaluate:main",
         "melecole-view": "melecole.cli.view:main",
         "melecole-blockwise": "melecole.cli.blockwise:main",
+        "melecole-tune": "melecole.cli.tune:main",
     }
     script = Path(sys.executable).parent / "melecole-train"
     result = subprocess.run([str(script), "--config", str(tmp_path / "missing.yaml")], capture_output=True,
