@@ -95,6 +95,15 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def train_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
+    """``melecole-train ARGS`` called in this process (no interpreter start-up), as a finished process."""
+    from melecole.cli.train import train_main
+
+    code = train_main(list(args))
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(["melecole-train", *args], code, captured.out, captured.err)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -105,7 +114,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 @pytest.mark.slow
-def test_train_cli_end_to_end_and_bad_input(tmp_path):
+def test_train_cli_end_to_end_and_bad_input(tmp_path, capfd):
     config = tmp_path / "tiny.yaml"
     dumped = load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "2"})).dump()
     config.write_text(dumped.replace("RUN_NAME: run", "RUN_NAME: ''"))  # '' = name runs after the file
@@ -114,23 +123,23 @@ def test_train_cli_end_to_end_and_bad_input(tmp_path):
     run = next((tmp_path / "runs").glob("tiny-*"))
     assert (run / "checkpoints" / "iter_2.pt").is_file()
 
-    # unknown key
+    # Bad input: in this process (the script path itself ran above), each one line and exit code 2.
     bad = tmp_path / "unknown.yaml"
     bad.write_text("MODEL:\n  FILTRES: [4, 8]\n")
-    assert_one_line_error(run_train("--config", str(bad)), "unknown.yaml", "MODEL.FILTRES")
+    assert_one_line_error(train_in_process(capfd, "--config", str(bad)), "unknown.yaml", "MODEL.FILTRES")
     # yaml syntax error
     bad.write_text("MODEL:\n  FILTERS: [4, 8\n")
-    assert_one_line_error(run_train("--config", str(bad)), "unknown.yaml", "YAML syntax error")
+    assert_one_line_error(train_in_process(capfd, "--config", str(bad)), "unknown.yaml", "YAML syntax error")
     # unknown command-line key
-    assert_one_line_error(run_train("--config", str(config), "OPTIM.LR", "1"), "OPTIM.LR")
+    assert_one_line_error(train_in_process(capfd, "--config", str(config), "OPTIM.LR", "1"), "OPTIM.LR")
     # missing data folder
-    assert_one_line_error(run_train("--config", str(config), "DATASET.DATA_ROOT", str(tmp_path / "gone")),
-                          "DATASET.DATA_ROOT", "gone")
+    gone = ("DATASET.DATA_ROOT", str(tmp_path / "gone"))
+    assert_one_line_error(train_in_process(capfd, "--config", str(config), *gone), "DATASET.DATA_ROOT", "gone")
     # checkpoint of a differently shaped model
+    other_shape = ("--supervised_checkpoint", str(run / "checkpoints" / "last.pt"), "MODEL.EMBEDDING_DIMENSION", "8")
     assert_one_line_error(
-        run_train("--config", str(config), "--supervised_checkpoint", str(run / "checkpoints" / "last.pt"),
-                  "MODEL.EMBEDDING_DIMENSION", "8"),
-        "MODEL.EMBEDDING_DIMENSION", "last.pt")
+        train_in_process(capfd, "--config", str(config), *other_shape), "MODEL.EMBEDDING_DIMENSION", "last.pt"
+    )
     # resume continues the same run to a larger TOTAL_ITER
     result = run_train("--resume", str(run), "OPTIM.TOTAL_ITER", "3")
     assert result.returncode == 0, result.stderr

@@ -215,29 +215,22 @@ def test_resolve_windows(setup: dict) -> None:
 
 
 @pytest.mark.slow
-def test_cli_errors_are_one_line_with_exit_code_2(setup: dict, repo_root: Path) -> None:
+def test_cli_errors_are_one_line_with_exit_code_2(setup: dict, capfd: pytest.CaptureFixture) -> None:
+    import infer  # in this process: the script path itself runs in test_cli_end_to_end_subprocess
+
     config, checkpoint = str(setup["config"]), str(setup["checkpoint"])
-    missing = _cli("--split", "val", "--config", config, "--checkpoint", str(setup["tmp"] / "nope.pt"), cwd=repo_root)
-    mismatch = _cli(
-        "--split",
-        "val",
-        "--config",
-        config,
-        "--checkpoint",
-        checkpoint,
-        "MODEL.EMBEDDING_DIMENSION",
-        "6",
-        cwd=repo_root,
+    cases = (
+        (["--checkpoint", str(setup["tmp"] / "nope.pt")], ["nope.pt", "not found"]),
+        (["--checkpoint", checkpoint, "MODEL.EMBEDDING_DIMENSION", "6"], ["MODEL.EMBEDDING_DIMENSION", "4", "6"]),
+        (["--checkpoint", checkpoint, "--split", "test"], ["test", "does not exist"]),
     )
-    no_split = _cli("--split", "test", "--config", config, "--checkpoint", checkpoint, cwd=repo_root)
-    for result, words in (
-        (missing, ["nope.pt", "not found"]),
-        (mismatch, ["MODEL.EMBEDDING_DIMENSION", "4", "6"]),
-        (no_split, ["test", "does not exist"]),
-    ):
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for extra, words in cases:
+        split = [] if "--split" in extra else ["--split", "val"]
+        code = infer.main([*split, "--config", config, *extra])
+        stderr = capfd.readouterr().err
+        assert code == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), stderr
         assert all(word in lines[0] for word in words), lines[0]
 
 

@@ -43,6 +43,11 @@ def tree_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def scheduler(client) -> list[str]:
+    """Runs on the session's 2-worker cluster (tests/blockwise/conftest.py) instead of a new LocalCluster."""
+    return ["--scheduler", client.scheduler.address]
+
+
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     code = main([*argv, "--config", CONFIG, *OPTS])
     captured = capsys.readouterr()
@@ -102,9 +107,9 @@ def test_output_inside_an_hdf5_input_folder_and_foreground_overlap(tmp_path, tin
     assert tree_hash(tmp_path) == before
 
 
-def test_overwrite_replaces_only_its_own_output(tmp_path, tiny_volume, capsys):
+def test_overwrite_replaces_only_its_own_output(tmp_path, tiny_volume, capsys, dask_client):
     output = tmp_path / "seg.zarr"
-    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), "--workers", "1"]
+    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), *scheduler(dask_client)]
     code, _, err = run(argv, capsys)
     assert code == 0, err
     mark = read_own_attributes(output)
@@ -152,7 +157,7 @@ def _start(argv: list[str], cwd: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_give_one_refusal_and_one_correct_output(tmp_path, tiny_volume, capsys):
+def test_two_concurrent_runs_give_one_refusal_and_one_correct_output(tmp_path, tiny_volume, capsys, dask_client):
     output = tmp_path / "cc.zarr"
     argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), "--workers", "1"]
     first = _start(argv, tmp_path)
@@ -165,14 +170,14 @@ def test_two_concurrent_runs_give_one_refusal_and_one_correct_output(tmp_path, t
     assert_one_line(code, err, "another run is writing this output", f"pid {first.pid} on ")
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
-    reference = _reference(tmp_path, tiny_volume, capsys)
+    reference = _reference(tmp_path, tiny_volume, capsys, dask_client)
     np.testing.assert_array_equal(open_volume(output).read(), reference)
     assert read_own_attributes(output)["fingerprint"]["options"]["fragments"] == "mws"
 
 
-def _reference(tmp_path: Path, tiny_volume: dict, capsys) -> np.ndarray:
+def _reference(tmp_path: Path, tiny_volume: dict, capsys, dask_client) -> np.ndarray:
     output = tmp_path / "reference.zarr"
-    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), "--workers", "1"]
+    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), *scheduler(dask_client)]
     assert run(argv, capsys)[0] == 0
     return open_volume(output).read()
 
@@ -186,10 +191,10 @@ with OutputLock(sys.argv[1], "holder", report=print):
 """
 
 
-def test_a_held_lock_refuses_and_a_stale_lock_is_taken_over(tmp_path, tiny_volume, capsys):
+def test_a_held_lock_refuses_and_a_stale_lock_is_taken_over(tmp_path, tiny_volume, capsys, dask_client):
     output = tmp_path / "seg.zarr"
     workdir = output_target(str(output)).workdir
-    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), "--workers", "1"]
+    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), *scheduler(dask_client)]
     holder = subprocess.Popen(  # another process holds the lock (in this process the lock is re-entrant)
         [sys.executable, "-c", HOLD_LOCK, str(workdir)], stdout=subprocess.PIPE, text=True
     )
@@ -209,10 +214,10 @@ def test_a_held_lock_refuses_and_a_stale_lock_is_taken_over(tmp_path, tiny_volum
     assert not workdir.exists() and output.exists()
 
 
-def test_resume_refuses_what_is_not_this_commands_finished_output(tmp_path, tiny_volume, capsys):
+def test_resume_refuses_what_is_not_this_commands_finished_output(tmp_path, tiny_volume, capsys, dask_client):
     source = f"{tiny_volume['path']}:affinities"
     output = tmp_path / "seg.zarr"
-    argv = ["--affinities", source, "--output", str(output), "--workers", "1"]
+    argv = ["--affinities", source, "--output", str(output), *scheduler(dask_client)]
     (tmp_path / "x.zarr").mkdir()
     code, _, err = run([*argv[:3], str(tmp_path / "x.zarr"), "--resume"], capsys)
     assert_one_line(code, err, "is not a finished MeLeCoLe output")
@@ -233,9 +238,9 @@ def test_resume_refuses_what_is_not_this_commands_finished_output(tmp_path, tiny
     assert tree_hash(output) == before
 
 
-def test_resume_of_a_finished_output_says_the_chunks_were_not_re_read(tmp_path, tiny_volume, capsys):
+def test_resume_of_a_finished_output_says_the_chunks_were_not_re_read(tmp_path, tiny_volume, capsys, dask_client):
     output = tmp_path / "seg.zarr"
-    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), "--workers", "1"]
+    argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), *scheduler(dask_client)]
     assert run(argv, capsys)[0] == 0
     chunk = next(path for path in output.iterdir() if path.name[0].isdigit())
     chunk.write_bytes(b"garbage")
