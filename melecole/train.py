@@ -8,11 +8,10 @@ The same as the ``melecole-train`` console script (:func:`melecole.cli.train.tra
 
 from __future__ import annotations
 
-import sys
-
+from melecole.cli import exit_script
 from melecole.cli.train import train_main as main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_script(main())

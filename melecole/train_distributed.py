@@ -16,11 +16,10 @@ The same as the ``melecole-train-distributed`` console script
 
 from __future__ import annotations
 
-import sys
-
+from melecole.cli import exit_script
 from melecole.cli.train import train_distributed_main as main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_script(main())

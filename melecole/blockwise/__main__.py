@@ -6,7 +6,8 @@ The same as the ``melecole-blockwise`` console script; the command line is :mod:
 (``--help`` lists its options).
 """
 
+from melecole.cli import exit_script
 from melecole.cli.blockwise import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_script(main())

@@ -11,5 +11,9 @@
 - ``synthetic``: ``python -m melecole.data.synthetic``: the synthetic dataset (:mod:`melecole.data.synthetic`).
 
 The script paths above are shims that only import ``main`` from here. No library module imports this
-package (tests/test_architecture.py checks it).
+package (tests/test_architecture.py checks it). The shims end with :func:`exit_script`.
 """
+
+from melecole.utils.cli import exit_script
+
+__all__ = ["exit_script"]
