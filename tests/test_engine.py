@@ -380,3 +380,33 @@ def test_console_scripts_point_at_the_entry_functions(tmp_path):
     result = subprocess.run([str(script), "--config", str(tmp_path / "missing.yaml")], capture_output=True,
                             text=True, timeout=120)
     assert_one_line_error(result, "missing.yaml", "not found")
+
+
+def test_sigterm_inside_a_step_stops_after_that_step_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    cfg = load_cfg(None, tiny_opts(tmp_path, **{"LOG.CHECKPOINT_FREQUENCY": "1000", "LOG.VAL_FREQUENCY": "0"}))
+    trainer = Trainer(cfg)
+    optimizer_step = trainer.optimizer.step
+
+    def step_with_a_signal(*args, **kwargs):  # SIGTERM arrives in the middle of step 3's update
+        if trainer.iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return optimizer_step(*args, **kwargs)
+
+    trainer.optimizer.step = step_with_a_signal
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+    run = trainer.run_dir
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 3  # the whole step, then stop
+    resumed_cfg, checkpoint = resume_config(run)
+    resumed = Trainer(resumed_cfg, resume_checkpoint=checkpoint)
+    resumed.train()
+    straight = Trainer(load_cfg(None, tiny_opts(tmp_path / "straight", **{"LOG.CHECKPOINT_FREQUENCY": "1000"})))
+    straight.train()
+    assert resumed.iteration == straight.iteration == cfg.OPTIM.TOTAL_ITER
+    for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)

@@ -59,6 +59,8 @@ __all__ = [
     "launch",
     "run_torchrun_worker",
     "sigterm_as_interrupt",
+    "StepInterrupt",
+    "interrupt_between_steps",
     "watch_parent",
 ]
 
@@ -116,6 +118,48 @@ def sigterm_as_interrupt(forward_to: Callable[[], list] | None = None) -> Iterat
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class StepInterrupt:
+    """Ctrl-C / SIGTERM while training: the step under way finishes, then :meth:`requested` says stop.
+
+    A KeyboardInterrupt in the middle of a step (inside ``optimizer.step``, between it and the
+    scheduler, or in a checkpoint write) would save a state no uninterrupted run ever had, and the
+    resumed run would differ. A second signal stops at once (a step that does not end).
+    """
+
+    def __init__(self) -> None:
+        self.signals = 0
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            raise KeyboardInterrupt(f"signal {signum}, twice")
+
+    def requested(self, device: Any = "cpu") -> bool:
+        """True once a signal came; with a process group, once it came to any rank (all ranks stop
+        after the same step, so no rank waits in a collective for one that left)."""
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([float(self.signals > 0)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item() > 0)
+        return self.signals > 0
+
+
+@contextlib.contextmanager
+def interrupt_between_steps() -> Iterator[StepInterrupt]:
+    """Inside the block SIGINT and SIGTERM only set :class:`StepInterrupt`'s flag (main thread; in
+    other threads the flag stays down and the signals keep their handlers)."""
+    interrupt = StepInterrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+    previous = {number: signal.signal(number, interrupt.handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupt
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from melecole.engine.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from melecole.engine.launch import sigterm_as_interrupt
+from melecole.engine.launch import interrupt_between_steps
 from melecole.engine.loaders import build_training_loader
 from melecole.engine.optim import build_optimizer, build_scheduler
 from melecole.engine.run_folder import (
@@ -297,8 +297,9 @@ class Trainer:
         """Trains from the current iteration to OPTIM.TOTAL_ITER (or ``stop_at``, for tests).
 
         Returns the per-iteration scalars of this call when ``keep_history`` (else an empty list:
-        a long run keeps only the last RECENT_LOSSES losses). Ctrl-C and SIGTERM save ``last.pt``
-        before leaving; any other error is also written to log.txt.
+        a long run keeps only the last RECENT_LOSSES losses). Ctrl-C and SIGTERM let the step under way
+        finish, then save ``last.pt`` and leave (KeyboardInterrupt; a second signal leaves at once);
+        any other error is also written to log.txt.
         """
         end = self.cfg.OPTIM.TOTAL_ITER if stop_at is None else min(stop_at, self.cfg.OPTIM.TOTAL_ITER)
         history: list[dict[str, float]] = []
@@ -310,7 +311,7 @@ class Trainer:
         loader = iter(self.train_loader)
         start_time, start_iteration = time.perf_counter(), self.iteration
         try:
-            with sigterm_as_interrupt():
+            with interrupt_between_steps() as interrupt:
                 while self.iteration < end:
                     scalars = self.run_step(next(loader))
                     self.iteration += 1
@@ -318,6 +319,8 @@ class Trainer:
                     if keep_history:
                         history.append(scalars)
                     self.after_step(scalars, progress)
+                    if interrupt.requested(self.device):
+                        raise KeyboardInterrupt("stopped after a whole step")
         except KeyboardInterrupt:
             if self.is_main and self.iteration > start_iteration:
                 self.logger.warning("interrupted at iteration %d; saving last.pt", self.iteration)
