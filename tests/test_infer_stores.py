@@ -203,7 +203,7 @@ def test_affinities_only_equals_whole_volume(setup: dict, capsys: pytest.Capture
 
 
 @pytest.mark.slow
-def test_cli_subprocess(setup: dict, repo_root: Path) -> None:
+def test_cli_subprocess(setup: dict, repo_root: Path, capfd: pytest.CaptureFixture) -> None:
     tmp, base = setup["tmp"], setup["base"]
 
     def cli(*args: str) -> subprocess.CompletedProcess:
@@ -215,10 +215,13 @@ def test_cli_subprocess(setup: dict, repo_root: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert open_volume(precomputed(tmp / "a")).shape == (12,) + SHAPE
+    import infer  # the bad-input cases in this process (the script path ran above)
+
     for args, words in (
         (("--affinities-only", "--input", f"{tmp / 'raw.zarr'}:em"), "--output-affinities"),
         (("--input", str(tmp / "missing.zarr")), "does not exist"),
     ):
-        result = cli(*args)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+        code = infer.main([*args, *base])
+        stderr = capfd.readouterr().err
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0], stderr
