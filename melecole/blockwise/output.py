@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from melecole.errors import ConfigError, DataError
-from melecole.io.atomic import replace_folder, temporary_name
+from melecole.io.atomic import atomic_write_text, replace_folder
 from melecole.io.checks import check_disjoint, check_writable_folder
+from melecole.io.formats.zarr import create_groups
 from melecole.io.ownership import check_replaceable, own_attributes, read_own_attributes
 from melecole.io.volumes import VolumeURL, parse_volume_url
 
@@ -222,30 +223,12 @@ def complete_line(target: OutputTarget) -> str:
 
 
 def _mark_finished(array_folder: Path, fingerprint: dict[str, Any]) -> None:
-    """Adds MeLeCoLe's mark (with the run's fingerprint, complete) to a zarr array's attributes."""
-    for name, inner in ((".zattrs", None), ("zarr.json", "attributes")):
-        path = array_folder / name
-        if name == ".zattrs" and not (array_folder / ".zarray").is_file():
-            continue
-        if not path.is_file() and name == "zarr.json":
-            continue
-        document = json.loads(path.read_text()) if path.is_file() else {}
-        attributes = document.setdefault(inner, {}) if inner else document
-        attributes.update(own_attributes(OUTPUT_KIND, fingerprint=fingerprint, complete=True))
-        temporary = temporary_name(path)
-        temporary.write_text(json.dumps(document, indent=2))
-        os.replace(temporary, path)
-        return
-
-
-def _ensure_groups(target: OutputTarget) -> None:
-    """Creates the zarr groups on the way to ``root/key`` (JSON metadata, zarr v2)."""
-    folder = target.root
-    for part in [None, *target.parsed.key.split("/")[:-1]]:  # type: ignore[union-attr]
-        folder = folder / part if part else folder
-        folder.mkdir(exist_ok=True)
-        if not (folder / ".zgroup").is_file() and not (folder / "zarr.json").is_file():
-            (folder / ".zgroup").write_text(json.dumps({"zarr_format": 2}))
+    """Adds MeLeCoLe's mark (with the run's fingerprint, complete) to the attributes of the work array
+    (zarr v2: ``.zattrs``, written atomically)."""
+    path = array_folder / ".zattrs"
+    attributes = json.loads(path.read_text()) if path.is_file() else {}
+    attributes.update(own_attributes(OUTPUT_KIND, fingerprint=fingerprint, complete=True))
+    atomic_write_text(path, json.dumps(attributes, indent=2))
 
 
 def commit_output(array_folder: Path, target: OutputTarget, fingerprint: dict[str, Any]) -> None:
@@ -253,6 +236,6 @@ def commit_output(array_folder: Path, target: OutputTarget, fingerprint: dict[st
     output of MeLeCoLe only: the ownership check is repeated here, just before the rename)."""
     _mark_finished(array_folder, fingerprint)
     if target.parsed.key:
-        _ensure_groups(target)
+        create_groups(target.root, target.parsed.key)
     check_replaceable(target.final, target.what)
     replace_folder(array_folder, target.final)

@@ -16,7 +16,14 @@ from melecole.segmentation.fragments import block_fragments, global_fragment_ids
 from melecole.segmentation.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
 from melecole.segmentation.relabel import relabel_block
 
-__all__ = ["segment_blockwise_in_memory", "fragments_of_block", "graph_of_block", "agglomerate_blocks"]
+__all__ = [
+    "segment_blockwise_in_memory",
+    "fragments_in_memory",
+    "graphs_in_memory",
+    "fragments_of_block",
+    "graph_of_block",
+    "agglomerate_blocks",
+]
 
 
 def fragments_of_block(
@@ -66,6 +73,36 @@ def agglomerate_blocks(
     return table, len(graph)
 
 
+def fragments_in_memory(
+    affinities: np.ndarray, foreground: np.ndarray | None, plan: BlockPlan, options: BlockwiseOptions
+) -> np.ndarray:
+    """The fragments pass over every block of in-memory arrays: uint64 (Z, Y, X) global fragment ids."""
+    fragments = np.zeros(plan.shape, dtype=np.uint64)
+    for index in range(plan.num_blocks):
+        outer, inner = plan.padded(index, options.halo)
+        fragments[plan.box(index)] = fragments_of_block(
+            affinities[(slice(None),) + outer], None if foreground is None else foreground[outer],
+            inner, index, plan, options,
+        )
+    return fragments
+
+
+def graphs_in_memory(
+    fragments: np.ndarray, affinities: np.ndarray, plan: BlockPlan, options: BlockwiseOptions
+) -> tuple[list[RegionGraph], list[np.ndarray], list[np.ndarray]]:
+    """The graph pass over every block: (edges, fragment ids, fragment sizes) per block, in block order."""
+    graphs, ids, sizes = [], [], []
+    for index in range(plan.num_blocks):
+        outer, inner = plan.padded(index, options.reach)
+        graph, block_ids, block_sizes = graph_of_block(
+            fragments[outer], affinities[(slice(None),) + plan.box(index)], inner, options
+        )
+        graphs.append(graph)
+        ids.append(block_ids)
+        sizes.append(block_sizes)
+    return graphs, ids, sizes
+
+
 def segment_blockwise_in_memory(
     affinities: np.ndarray, options: BlockwiseOptions, foreground: np.ndarray | None = None
 ) -> tuple[np.ndarray, LookupTable]:
@@ -83,22 +120,8 @@ def segment_blockwise_in_memory(
         raise ValueError(f"affinities must be (C, Z, Y, X) with C = {len(options.offsets)}, got {affinities.shape}")
     shape = affinities.shape[1:]
     plan = BlockPlan(tuple(shape), options.block_shape)  # type: ignore[arg-type]
-    fragments = np.zeros(shape, dtype=np.uint64)
-    for index in range(plan.num_blocks):
-        outer, inner = plan.padded(index, options.halo)
-        fragments[plan.box(index)] = fragments_of_block(
-            affinities[(slice(None),) + outer], None if foreground is None else foreground[outer],
-            inner, index, plan, options,
-        )
-    graphs, ids, sizes = [], [], []
-    for index in range(plan.num_blocks):
-        outer, inner = plan.padded(index, options.reach)
-        graph, block_ids, block_sizes = graph_of_block(
-            fragments[outer], affinities[(slice(None),) + plan.box(index)], inner, options
-        )
-        graphs.append(graph)
-        ids.append(block_ids)
-        sizes.append(block_sizes)
+    fragments = fragments_in_memory(affinities, foreground, plan, options)
+    graphs, ids, sizes = graphs_in_memory(fragments, affinities, plan, options)
     table, _ = agglomerate_blocks(graphs, ids, sizes, options)
     fill = options.segmentation.fill_background
     segmentation = np.zeros(shape, dtype=np.uint64)

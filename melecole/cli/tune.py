@@ -183,30 +183,14 @@ def blockwise_problem(
     """The blockwise fragments, graph and per-block overlap tables (summed), as
     :func:`melecole.blockwise.segment.segment_blockwise_in_memory` computes them; and the options."""
     from melecole.blockwise.plan import BlockPlan, build_options
-    from melecole.blockwise.segment import fragments_of_block, graph_of_block
+    from melecole.blockwise.segment import fragments_in_memory, graphs_in_memory
     from melecole.segmentation.region_graph import reduce_graphs
 
     options = build_options(cfg, block_shape=block_shape, fragments=fragments_mode)
-    shape = affinities.shape[1:]
-    plan = BlockPlan(tuple(shape), options.block_shape)  # type: ignore[arg-type]
-    fragments = np.zeros(shape, dtype=np.uint64)
-    for index in range(plan.num_blocks):
-        outer, inner = plan.padded(index, options.halo)
-        fragments[plan.box(index)] = fragments_of_block(
-            affinities[(slice(None),) + outer], None if foreground is None else foreground[outer],
-            inner, index, plan, options,
-        )
-    graphs, ids, sizes, tables = [], [], [], []
-    for index in range(plan.num_blocks):
-        outer, inner = plan.padded(index, options.reach)
-        box = plan.box(index)
-        graph, block_ids, block_sizes = graph_of_block(
-            fragments[outer], affinities[(slice(None),) + box], inner, options
-        )
-        graphs.append(graph)
-        ids.append(block_ids)
-        sizes.append(block_sizes)
-        tables.append(overlap_table(fragments[box], gt[box]))
+    plan = BlockPlan(tuple(affinities.shape[1:]), options.block_shape)  # type: ignore[arg-type]
+    fragments = fragments_in_memory(affinities, foreground, plan, options)
+    graphs, ids, sizes = graphs_in_memory(fragments, affinities, plan, options)
+    tables = [overlap_table(fragments[plan.box(index)], gt[plan.box(index)]) for index in range(plan.num_blocks)]
     segmentation = options.segmentation
     fill = None
     if segmentation.fill_background:

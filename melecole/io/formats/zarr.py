@@ -30,7 +30,7 @@ from melecole.io.formats.base import (
 )
 from melecole.utils.files import temporary_name
 
-__all__ = ["FORMAT", "ensure_work_array", "open_work_array", "zarr_major"]
+__all__ = ["FORMAT", "create_groups", "ensure_work_array", "open_work_array", "zarr_major"]
 
 
 def zarr_major() -> int:
@@ -118,7 +118,7 @@ def _new_array(location: Path, spec: VolumeSpec) -> Any:
     raise DataError("writing the zarr v3 format needs zarr-python >= 3 (Python >= 3.11)")
 
 
-def _create_groups(root: Path, key: str, zarr_format: int) -> None:
+def create_groups(root: Path, key: str, zarr_format: int = 2) -> None:
     """Creates the (possibly new) group ``root`` and the groups on the way to its member ``key``."""
     import zarr
 
@@ -154,7 +154,7 @@ def create_zarr(path: str, key: str | None, spec: VolumeSpec) -> VolumeWriter:
 
     def finish() -> None:
         if key:  # the array becomes a member of a (possibly new) group
-            _create_groups(root, key, spec.zarr_format)
+            create_groups(root, key, spec.zarr_format)
 
     def setter(index: Index, data: np.ndarray) -> None:
         array[index] = data
