@@ -168,6 +168,7 @@ class Trainer:
         self.amp = bool(cfg.HARDWARE.AMP) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.iteration = 0
+        self.loader_wait_s = 0.0
         if resume_checkpoint is not None:
             self.load_state(resume_checkpoint)
 
@@ -310,10 +311,14 @@ class Trainer:
         progress = progress_bar(total=end, initial=self.iteration, desc="train", enabled=show, log_interval_s=None)
         loader = iter(self.train_loader)
         start_time, start_iteration = time.perf_counter(), self.iteration
+        self.loader_wait_s = 0.0
         try:
             with interrupt_between_steps() as interrupt:
                 while self.iteration < end:
-                    scalars = self.run_step(next(loader))
+                    waited = time.perf_counter()
+                    batch = next(loader)
+                    self.loader_wait_s += time.perf_counter() - waited
+                    scalars = self.run_step(batch)
                     self.iteration += 1
                     self.recent_losses.append(scalars["loss"])
                     if keep_history:
@@ -337,7 +342,11 @@ class Trainer:
     def _finish(self, start_time: float, start_iteration: int) -> None:
         elapsed = time.perf_counter() - start_time
         done = self.iteration - start_iteration
-        self.logger.info("trained %d iterations in %.1f s (%.2f it/s)", done, elapsed, done / max(elapsed, 1e-9))
+        self.logger.info(
+            "trained %d iterations in %.1f s (%.2f it/s, %d CPU threads); waiting for the data loader: %.1f s (%.0f%%)",
+            done, elapsed, done / max(elapsed, 1e-9), torch.get_num_threads(), self.loader_wait_s,
+            100 * self.loader_wait_s / max(elapsed, 1e-9),
+        )
         if self.is_main and self.iteration == self.cfg.OPTIM.TOTAL_ITER:
             self.save_checkpoint(final=True)
         if self.writer is not None:

@@ -33,14 +33,20 @@ def configure_threads(
 ) -> int | None:
     """Sets torch's intra-op CPU threads for work on ``device`` (HARDWARE.NUM_THREADS; 0 = auto).
 
-    Auto leaves one core per DataLoader worker and splits the rest among the processes on this node,
-    unless OMP_NUM_THREADS is set (then torch's choice stands). Returns the number set, or None when
-    nothing was changed (CUDA device, or OMP_NUM_THREADS with auto).
+    Auto gives every core to the model, split among the processes on this node, unless
+    OMP_NUM_THREADS is set (then torch's choice stands). DataLoader workers are not counted: a worker
+    prepares a patch in a small part of a step's time and waits the rest (measured: the loader's
+    share of a training step is printed at the end of training, see ``Trainer``), so leaving a core
+    to each worker left a 2-core machine training on one thread (1.65x slower). ``num_workers`` is
+    kept for the signature; when the loader is the bottleneck, set HARDWARE.NUM_THREADS by hand.
+    Returns the number set, or None when nothing was changed (CUDA device, or OMP_NUM_THREADS with
+    auto).
     """
     import os
 
     if device.type != "cpu" or (requested <= 0 and "OMP_NUM_THREADS" in os.environ):
         return None
-    threads = requested if requested > 0 else max(1, (usable_cpu_count() - num_workers) // max(1, local_processes))
+    del num_workers  # see the docstring
+    threads = requested if requested > 0 else max(1, usable_cpu_count() // max(1, local_processes))
     torch.set_num_threads(threads)
     return threads
