@@ -224,6 +224,10 @@ _C.INFERENCE.AGGLOMERATION_THRESHOLD = 0.5
 # variant ("yx": 4, "zyxt": 16). Per window, each variant's affinities are mapped back to the
 # original frame and averaged before blending; costs one forward pass per variant.
 _C.INFERENCE.TTA = "none"
+# Where the model's forward pass runs (melecole/inference/backends.py): auto | torch | onnxruntime |
+# openvino. auto picks the fastest one installed for the device; the affinities, blending and
+# everything after the forward pass stay in torch/numpy.
+_C.INFERENCE.BACKEND = "auto"
 
 # --------------------------------------------------------------------------------------------------
 # Logging and outputs

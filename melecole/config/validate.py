@@ -45,6 +45,7 @@ _CHOICES = {
     "MOCO.MODE": _selection_values("MOCO.MODE"),
     "MOCO.PROJECTION_INPUT": ("features", "embedding"),
     "INFERENCE.BLENDING": ("gaussian", "bump", "constant"),
+    "INFERENCE.BACKEND": ("auto", "torch", "onnxruntime", "openvino"),
     "INFERENCE.AGGLOMERATION": ("none", "mws", "mean", "gasp_average", "mala_median", "multicut"),
     "LOG.PROGRESS_BAR": PROGRESS_CHOICES,
 }

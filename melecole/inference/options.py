@@ -53,6 +53,15 @@ def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:
     return window, stride or default_stride(window, margin, cfg.INFERENCE.OFFSETS), margin
 
 
+def _predictor_takes(name: str) -> bool:
+    """Whether :func:`melecole.inference.sliding_window.predict_volume` has the keyword ``name``."""
+    import inspect
+
+    from melecole.inference import sliding_window  # imported here: sliding_window imports this module
+
+    return name in inspect.signature(sliding_window.predict_volume).parameters
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """How a checkpoint's model is run over a volume and its embeddings turned into affinities.
@@ -68,6 +77,8 @@ class PredictOptions:
         num_threads: CPU threads for torch (HARDWARE.NUM_THREADS; 0 = auto).
         tta: test-time augmentation spec (INFERENCE.TTA: "none" or letters from "zyxt",
             :func:`melecole.inference.tta.parse_tta`).
+        backend: where the forward pass runs (INFERENCE.BACKEND: auto | torch | onnxruntime |
+            openvino); passed to ``predict_volume`` when it takes a ``backend`` argument.
     """
 
     window: Triplet
@@ -82,6 +93,7 @@ class PredictOptions:
     amp: bool = False
     num_threads: int = 0
     tta: str = "none"
+    backend: str = "auto"
 
     @property
     def tta_variants(self) -> list[TTAVariant]:
@@ -111,6 +123,7 @@ class PredictOptions:
             device=self.torch_device,
             amp=self.amp,
             tta=self.tta_variants,
+            **({"backend": self.backend} if _predictor_takes("backend") else {}),
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -155,4 +168,5 @@ def build_predict_options(cfg: Any) -> PredictOptions:
         amp=bool(cfg.HARDWARE.AMP and device.type == "cuda"),
         num_threads=int(cfg.HARDWARE.NUM_THREADS),
         tta=str(cfg.INFERENCE.TTA),
+        backend=str(cfg.INFERENCE.BACKEND),
     )
