@@ -14,7 +14,6 @@ windows are streamed (predicted, accumulated, discarded).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 from typing import Literal, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from melecole.inference.affinities import INVALID_AFFINITY
+from melecole.inference.backends import build_backend
 from melecole.inference.options import default_stride
 from melecole.inference.tta import IDENTITY, TTAVariant, window_affinities
 from melecole.utils.offsets import Offsets, check_offsets
@@ -318,6 +318,7 @@ def predict_volume(
     progress: bool = True,
     region: Sequence[slice] | None = None,
     tta: Sequence[TTAVariant] | None = None,
+    backend: str = "torch",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Blended affinities and foreground probability of a volume (or of a region of it).
 
@@ -342,6 +343,9 @@ def predict_volume(
             whose cropped part meets the region are predicted.
         tta: test-time augmentation variants (:func:`melecole.inference.tta.parse_tta`), averaged
             per window before blending; None = no TTA.
+        backend: where the forward pass of each batch runs (INFERENCE.BACKEND): torch | onnxruntime |
+            openvino | auto (:mod:`melecole.inference.backends`; a non-CPU device always runs torch).
+            The onnxruntime / openvino backends use torch's thread count.
 
     Returns:
         affinities: float32 (C, Z', Y', X') for the region (default: the whole volume); pairs
@@ -350,20 +354,15 @@ def predict_volume(
 
     Raises:
         ValueError: bad window / stride / margin, or a stride leaving some pairs uncovered.
+        ConfigError: unknown backend, or a named backend whose package is not installed.
     """
     raw = np.asarray(raw)
     window, stride, margin, offsets = _check_geometry(raw, window, stride, margin, offsets)
     device = torch.device(device)
     grid = _WindowGrid(raw, window, stride, margin, offsets, blending, region, device)
-    use_amp = amp and device.type == "cuda"
-    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
     variants = list(tta or [IDENTITY])
-
-    def forward(inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        with autocast:
-            return model(inputs)
-
     model.eval()
+    forward = build_backend(backend, model, window, batch_size, device, amp=amp)
     bar = progress_bar(total=len(grid.positions), desc="windows", unit="win", enabled=progress, leave=False)
     with torch.inference_mode():
         for first in range(0, len(grid.positions), batch_size):

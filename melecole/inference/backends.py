@@ -1,0 +1,288 @@
+"""Forward backends of sliding-window prediction (INFERENCE.BACKEND): where the model's forward pass runs.
+
+A backend is built once per prediction from (model, window, batch size, device, threads) and called
+on each batch of windows: ``backend(batch (B, 1, z, y, x) float32) -> {"embedding": (B, E, z, y, x),
+"foreground": (B, 1, z, y, x) logits}``, the torch model's outputs, as torch tensors on the batch's
+device. Everything after the forward pass (affinities, TTA, blending) stays in torch/numpy.
+
+- ``torch``: the model itself, eager (autocast float16 on CUDA when ``amp``), exactly as before backends.
+- ``onnxruntime``: the model exported to ONNX once (:func:`melecole.models.export.onnx_bytes`, in
+  memory), run by an ONNX Runtime CPU session with all graph optimisations and torch's thread count.
+- ``openvino``: the same ONNX compiled by OpenVINO for the CPU (float32 precision forced: on CPUs with
+  bfloat16 units OpenVINO would otherwise lower the precision), torch's thread count.
+- ``auto``: on CPU the fastest installed one in :data:`AUTO_ORDER` (measured by
+  bench/bench_backends.py), on CUDA torch. A backend that is not installed or fails to export or
+  compile is skipped with one logged line.
+
+A CUDA (non-CPU) device always runs torch. The exported/compiled model is cached (the last
+:data:`_CACHE_SIZE`) per model object, weights version, window and threads, so that chunked and blockwise
+prediction, which call ``predict_volume`` once per chunk or block, export once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from melecole.errors import ConfigError
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "Backend",
+    "OnnxRuntimeBackend",
+    "OpenVinoBackend",
+    "TorchBackend",
+    "BackendUnavailable",
+    "build_backend",
+    "check_backend",
+]
+
+_LOGGER = logging.getLogger(__name__)
+# "auto" on CPU tries these in order (fastest first, as measured by bench/bench_backends.py).
+AUTO_ORDER = ("openvino", "onnxruntime", "torch")
+_CACHE_SIZE = 4
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run here: its package is missing, or the export / compilation failed."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class TorchBackend:
+    """The torch model, eager, as sliding-window prediction always ran it (float16 autocast on CUDA if ``amp``).
+
+    The caller runs it under ``torch.inference_mode`` with the model in eval mode. Channels-last 3D
+    memory format is not used: measured no faster on CPU (bench/bench_backends.py, ``torch-cl3d``) and it
+    changes the float rounding, while ``torch`` must keep earlier results bit for bit.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        window: Sequence[int] = (),
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        threads: int | None = None,
+        amp: bool = True,
+    ) -> None:
+        del window, batch_size, threads  # torch takes any window; threads are the caller's torch setting
+        self.model = model
+        use_amp = amp and torch.device(device).type == "cuda"
+        self._autocast = (
+            (lambda: torch.autocast(device_type="cuda", dtype=torch.float16)) if use_amp else contextlib.nullcontext
+        )
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self._autocast():
+            return self.model(batch)
+
+
+def _outputs(embedding: np.ndarray, foreground: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "embedding": torch.from_numpy(np.asarray(embedding)).to(device),
+        "foreground": torch.from_numpy(np.asarray(foreground)).to(device),
+    }
+
+
+def _numpy_input(batch: torch.Tensor) -> np.ndarray:
+    """(B, 1, z, y, x) -> a C-contiguous float32 numpy array (TTA transposes give strided views)."""
+    return np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())
+
+
+class OnnxRuntimeBackend:
+    """The model exported to ONNX and run by an ONNX Runtime CPU session (see the module docstring)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        window: Sequence[int],
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        threads: int | None = None,
+        amp: bool = True,
+    ) -> None:
+        del batch_size, amp  # the batch axis is dynamic; float32 on CPU
+        self.session = _cached(self.name, model, window, _threads(threads), _onnxruntime_session)
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        embedding, foreground = self.session.run(None, {"raw": _numpy_input(batch)})
+        return _outputs(embedding, foreground, batch.device)
+
+
+class OpenVinoBackend:
+    """The model's ONNX compiled by OpenVINO for the CPU, float32 (see the module docstring)."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        window: Sequence[int],
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        threads: int | None = None,
+        amp: bool = True,
+    ) -> None:
+        del batch_size, amp
+        compiled = _cached(self.name, model, window, _threads(threads), _openvino_compiled)
+        # One infer request per prediction: requests are not thread-safe, the compiled model is.
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.request.infer({0: _numpy_input(batch)})
+        # Copies: the request reuses its output buffers on the next call.
+        embedding, foreground = (self.request.get_output_tensor(i).data.copy() for i in range(2))
+        return _outputs(embedding, foreground, batch.device)
+
+
+# name -> backend class taking (model, window, batch_size, device, threads, amp).
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "torch": TorchBackend,
+    "onnxruntime": OnnxRuntimeBackend,
+    "openvino": OpenVinoBackend,
+}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+# The package each backend imports (checked before any export).
+_PACKAGES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def check_backend(name: str) -> str:
+    """The backend name (lower case); ConfigError listing the choices for an unknown one."""
+    text = str(name).strip().lower()
+    if text not in BACKEND_CHOICES:
+        choices = ", ".join(BACKEND_CHOICES)
+        raise ConfigError(f"INFERENCE.BACKEND: {name!r} is not a forward backend; expected one of {choices}")
+    return text
+
+
+def _threads(threads: int | None) -> int:
+    return int(threads) if threads and threads > 0 else torch.get_num_threads()
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(_PACKAGES[name]) is not None
+
+
+def build_backend(
+    name: str,
+    model: torch.nn.Module,
+    window: Sequence[int],
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    amp: bool = True,
+) -> Backend:
+    """The forward backend ``name`` (auto | torch | onnxruntime | openvino) for one prediction.
+
+    Args:
+        name: INFERENCE.BACKEND. ``auto``: torch on a non-CPU device, else the first of
+            :data:`AUTO_ORDER` that is installed and exports/compiles (each skip logs one line).
+        model: the torch model, in eval mode, on ``device``.
+        window: (z, y, x) window the backend will be called on (ONNX graphs are fixed to it).
+        batch_size: windows per call (the last batch may be smaller).
+        device: where prediction runs; anything but CPU runs torch.
+        threads: CPU threads of onnxruntime / openvino; None or 0 = torch's current thread count.
+        amp: float16 autocast for torch on CUDA.
+
+    Raises:
+        ConfigError: unknown name, or an explicitly named backend whose package is not installed.
+        BackendUnavailable: an explicitly named backend failed to export or compile the model.
+    """
+    name = check_backend(name)
+    device = torch.device(device)
+    window = [int(size) for size in window]
+    if device.type != "cpu" or name == "torch":
+        if name not in ("auto", "torch"):
+            _LOGGER.info("INFERENCE.BACKEND %s runs on CPU only; using torch on %s", name, device)
+        return TorchBackend(model, window, batch_size, device, threads, amp)
+    if name != "auto":
+        if not _installed(name):
+            installed = ", ".join(choice for choice in BACKENDS if _installed(choice))
+            raise ConfigError(
+                f"INFERENCE.BACKEND: {name!r} needs the Python package {_PACKAGES[name]!r}, which is not installed "
+                f"(pip install {_PACKAGES[name]}); expected an installed backend: auto, {installed}"
+            )
+        return BACKENDS[name](model, window, batch_size, device, threads, amp)
+    for candidate in AUTO_ORDER:
+        if not _installed(candidate):
+            _LOGGER.info("INFERENCE.BACKEND auto: %s is not installed; trying the next backend", candidate)
+            continue
+        try:
+            return BACKENDS[candidate](model, window, batch_size, device, threads, amp)
+        except BackendUnavailable as error:
+            _LOGGER.warning("INFERENCE.BACKEND auto: %s unavailable (%s); trying the next backend", candidate, error)
+    return TorchBackend(model, window, batch_size, device, threads, amp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Export / compile once per (model, weights, window, threads): chunked and blockwise prediction call
+# predict_volume once per chunk/block with the same model.
+
+_CACHE: OrderedDict[tuple, tuple[weakref.ref, Any]] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _weights_version(model: torch.nn.Module) -> tuple:
+    """Changes when any parameter or buffer is replaced or modified in place (load_state_dict, training)."""
+    return tuple((tensor.data_ptr(), tensor._version) for tensor in model.state_dict(keep_vars=True).values())
+
+
+def _cached(
+    name: str, model: torch.nn.Module, window: Sequence[int], threads: int, build: Callable[[bytes, int], Any]
+) -> Any:
+    """``build(onnx bytes, threads)`` for this model, cached; BackendUnavailable when export or build fails."""
+    key = (name, id(model), _weights_version(model), tuple(int(size) for size in window), threads)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None and entry[0]() is model:
+            _CACHE.move_to_end(key)
+            return entry[1]
+        from melecole.models.export import onnx_bytes
+
+        try:
+            compiled = build(onnx_bytes(model, window), threads)
+        except Exception as error:  # noqa: BLE001 - any exporter/runtime failure makes the backend unavailable
+            raise BackendUnavailable(f"{name} could not run the model: {type(error).__name__}: {error}") from error
+        _CACHE[key] = (weakref.ref(model), compiled)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return compiled
+
+
+def _onnxruntime_session(data: bytes, threads: int) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _openvino_compiled(data: bytes, threads: int) -> Any:
+    import openvino
+
+    core = openvino.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    return core.compile_model(core.read_model(data), "CPU", config)
