@@ -13,8 +13,8 @@ from melecole.segmentation.agglomeration import AGGLOMERATION_MODES, agglomerate
 from melecole.segmentation.options import build_segmentation_options
 from melecole.segmentation.region_graph import RegionGraph
 
-HIERARCHICAL = ("gasp_average", "mala_median", "multicut")
-THRESHOLD_MODES = ("mean", "gasp_average", "mala_median", "multicut")
+HIERARCHICAL = ("gasp_average", "gasp_signed", "mala_median", "multicut")
+THRESHOLD_MODES = ("mean", "gasp_average", "gasp_signed", "mala_median", "multicut")
 
 
 Row = tuple[int, int, float, int]
@@ -102,7 +102,7 @@ def nested(fine: list[int], coarse: list[int]) -> bool:
     return all(len({c for f2, c in zip(fine, coarse) if f2 == f}) == 1 for f in set(fine))
 
 
-@pytest.mark.parametrize("mode", ("mean", "gasp_average", "mala_median"))
+@pytest.mark.parametrize("mode", ("mean", "gasp_average", "gasp_signed", "mala_median"))
 @pytest.mark.parametrize("seed", (0, 1))
 def test_a_higher_threshold_never_gives_fewer_segments(mode, seed):
     """For these modes one merge order is cut at the threshold: the partitions are nested."""
@@ -156,7 +156,7 @@ def test_config_validation_lists_the_new_modes(tmp_path):
     config.write_text("INFERENCE:\n  AGGLOMERATION: gasp_average\n")
     assert load_cfg(str(config)).INFERENCE.AGGLOMERATION == "gasp_average"
     config.write_text("INFERENCE:\n  AGGLOMERATION: waterz\n")
-    with pytest.raises(ConfigError, match="INFERENCE.AGGLOMERATION.*gasp_average, mala_median, multicut"):
+    with pytest.raises(ConfigError, match="INFERENCE.AGGLOMERATION.*gasp_average, gasp_signed, mala_median, multicut"):
         load_cfg(str(config))
 
 
@@ -179,3 +179,19 @@ def test_the_whole_volume_pipeline_runs_a_hierarchical_mode():
     result = segment_volume(mws_weights(affinities, options.num_attractive), None, options, 0.5)
     assert len(np.unique(result)) == 2
     assert len(np.unique(result[labels == 1])) == 1 and len(np.unique(result[labels == 2])) == 1
+
+
+def test_signed_gasp_lets_long_range_contacts_keep_two_segments_apart():
+    """1-2 touch with mean affinity 0.7 over 4 contacts, but 20 long-range contacts at 0.1 say they differ:
+    average linkage on nearest-neighbour contacts merges them, the signed graph (mean vote
+    (4 * 0.7 + 20 * 0.1) / 24 - 0.5 = -0.3) does not. 2-3 only have long-range contacts at 0.9: a
+    positive vote alone never joins fragments that do not touch."""
+    graph = make_graph([(1, 2, 0.7, 4)], repulsive=[(1, 2, 0.1, 20), (2, 3, 0.9, 10)])
+    assert segments(graph, 3, "gasp_average") == [1, 1, 2]
+    assert segments(graph, 3, "gasp_signed") == [1, 2, 3]
+    # without the repulsion the two modes agree, and the vote is recomputed after a merge:
+    # 1-2 (0.9) merge first; then {1,2}-3 has votes 0.6 (1-3, 2 contacts) and 0.2 (2-3 long range, 8 contacts):
+    # mean (2 * 0.6 + 8 * 0.2) / 10 - 0.5 = -0.22 keeps 3 apart, where gasp_average (only 1-3) merges it.
+    graph = make_graph([(1, 2, 0.9, 5), (1, 3, 0.6, 2)], repulsive=[(2, 3, 0.2, 8)])
+    assert segments(graph, 3, "gasp_average") == [1, 1, 1]
+    assert segments(graph, 3, "gasp_signed") == [1, 1, 2]
