@@ -3,7 +3,9 @@
 :func:`build_viewer_state` is pure: it builds a ``neuroglancer.ViewerState`` (layers, named and
 scaled (z, y, x) dimensions, padding crop) without starting a server, so tests can check it.
 :func:`start_viewer` serves that state from the neuroglancer package's own web server (its client is
-bundled with the package; no internet is needed).
+bundled with the package; no internet is needed). A segmentation written with meshes (``python -m
+melecole.mesh``: a precomputed layer folder) is served as files by :func:`serve_folder` and shown from
+there, meshes included (``segmentation_source``).
 
 Volumes may be numpy arrays or :class:`melecole.io.LazyVolume`: lazy volumes are read chunk by
 chunk while the browser asks for data, so large HDF5 / zarr / precomputed volumes are not loaded
@@ -34,6 +36,7 @@ __all__ = [
     "check_dimensions",
     "check_server_address",
     "crop_symmetric",
+    "serve_folder",
     "start_viewer",
 ]
 
@@ -304,6 +307,8 @@ def build_viewer_state(
     membranes: ArrayLike | None = None,
     resolution: Sequence[float] = DEFAULT_RESOLUTION,
     padding: Sequence[int] | None = None,
+    segmentation_source: str | None = None,
+    segments: Sequence[int] = (),
 ) -> Any:
     """Builds the neuroglancer state; no server is started.
 
@@ -316,6 +321,10 @@ def build_viewer_state(
         membranes: (Z, Y, X) boundary / foreground map (hidden at first).
         resolution: (z, y, x) voxel size in nm.
         padding: (pz, py, px) raw context per side; None = inferred from the raw and label shapes.
+        segmentation_source: a neuroglancer source URL that serves ``segmentation`` with its meshes
+            (``precomputed://http://...``, :func:`serve_folder`); the layer then reads it instead of the array,
+            which must have the label shape (a served layer is not cropped).
+        segments: segment ids selected at first (their meshes show in the 3D panel).
 
     Returns:
         ``neuroglancer.ViewerState`` with dimensions named z, y, x in nm and layers raw, gt,
@@ -339,13 +348,15 @@ def build_viewer_state(
     if raw is not None:
         _add_image(state, "raw", _as_image(crop_to_labels(raw, label_shape, padding, "raw")), dimensions)
     for name, labels in (("gt", gt), ("segmentation", segmentation)):
-        if labels is not None:
+        if labels is not None and not (name == "segmentation" and segmentation_source is not None):
             labels = _as_segmentation(crop_symmetric(labels, label_shape, name))
             state.layers[name] = neuroglancer.SegmentationLayer(
                 source=neuroglancer.LocalVolume(
                     data=labels, dimensions=dimensions, volume_type="segmentation"
                 )
             )
+    if segmentation is not None and segmentation_source is not None:
+        _serve_segmentation(state, segmentation, segmentation_source, label_shape, segments)
     if affinities is not None:
         _add_affinities(state, affinities, label_shape, padding, resolution)
     if membranes is not None:
@@ -354,6 +365,24 @@ def build_viewer_state(
     state.position = [s / 2.0 for s in label_shape]
     state.layout = "4panel"
     return state
+
+
+def _serve_segmentation(
+    state: Any, segmentation: ArrayLike, source: str, label_shape: Sequence[int], segments: Sequence[int]
+) -> None:
+    """Points the segmentation layer at ``source`` (voxels and meshes), with ``segments`` selected.
+
+    Raises:
+        DataError: the segmentation would need a crop to fit the labels.
+    """
+    import neuroglancer
+
+    if tuple(segmentation.shape[-3:]) != tuple(label_shape):
+        raise DataError(
+            f"segmentation with meshes has shape {tuple(segmentation.shape)}, expected the label shape "
+            f"{tuple(label_shape)} (a mesh layer is shown as written, without a crop)"
+        )
+    state.layers["segmentation"] = neuroglancer.SegmentationLayer(source=source, segments=[int(s) for s in segments])
 
 
 def check_server_address(bind_address: str, port: int) -> None:
@@ -403,3 +432,16 @@ def start_viewer(state: Any, bind_address: str = "127.0.0.1", port: int = 0) -> 
     viewer = neuroglancer.Viewer()
     viewer.set_state(state)
     return viewer
+
+
+def serve_folder(folder: str | os.PathLike, bind_address: str = "127.0.0.1") -> tuple[Any, str]:
+    """Serves the files of ``folder`` (e.g. a precomputed layer with meshes) over HTTP, with CORS, on a free
+    port of ``bind_address``, from a background thread (neuroglancer's static file server).
+
+    Returns:
+        (the server, which serves as long as it is referenced and the process lives; its base URL).
+    """
+    from neuroglancer.static_file_server import StaticFileServer
+
+    server = StaticFileServer(str(folder), bind_address=bind_address, daemon=True)
+    return server, server.url
