@@ -1,0 +1,1 @@
+"""Exporting trained models: zoo entries, TorchScript / ONNX files and bioimage.io packages."""
