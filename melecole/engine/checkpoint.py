@@ -64,7 +64,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a checkpoint written by ``save_checkpoint``; clear errors for missing/foreign files."""
+    """Reads a checkpoint written by ``save_checkpoint``; clear errors for missing/foreign files.
+
+    ``path`` is a checkpoint file, a run folder (its ``checkpoints/last.pt``) or a zoo name ``zoo:NAME``
+    (:mod:`melecole.zoo`: the weights' hash is checked against the manifest first). Every command that
+    takes a checkpoint (infer.py, blockwise, --supervised_checkpoint, export) comes through here. The
+    returned dict holds ``path`` (the file read) and, for a zoo model, ``zoo`` (its name).
+    """
+    zoo_name = None
+    if isinstance(path, str) and path.startswith("zoo:"):
+        from melecole.zoo import resolve
+
+        zoo_name = path[len("zoo:"):]
+        path, _ = resolve(zoo_name)
     path = Path(path)
     if path.is_dir():
         candidate = path / "checkpoints" / "last.pt"
@@ -87,6 +99,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint '{path}': iteration is {iteration!r} ({type(iteration).__name__}), expected an integer >= 0"
         )
     checkpoint["path"] = str(path)
+    if zoo_name is not None:
+        checkpoint["zoo"] = zoo_name
     return checkpoint
 
 
