@@ -187,15 +187,24 @@ _C.INFERENCE.OFFSETS = [
     [-2, 0, 0], [0, -5, 0], [0, 0, -5], [0, -5, -5], [0, -5, 5],
     [-1, -5, 0], [-1, 0, -5], [1, -5, 0], [1, 0, -5],
 ]
-# Window size (z, y, x); empty = MODEL.INPUT_SIZE.
-_C.INFERENCE.WINDOW_SIZE = []
-# Step between windows (z, y, x); empty = half the window.
+# Window size (z, y, x); empty (null) = MODEL.INPUT_SIZE; auto = planned per volume from its shape,
+# the model's valid sizes and MEMORY_BUDGET_GB (melecole/inference/planner.py: the fewest computed
+# voxels, larger windows preferred; a small volume is one window, windows spread evenly).
+_C.INFERENCE.WINDOW_SIZE = None
+# Step between windows (z, y, x); empty = from OVERLAP (with WINDOW_SIZE auto it must be empty).
 _C.INFERENCE.STRIDE = []
+# Voxels (whole numbers) or fraction of the window (< 1) that consecutive windows share, per axis
+# (z, y, x); at least 2 * MARGIN + the largest |offset| is always kept. Empty = half the window for
+# an explicit WINDOW_SIZE (the old default stride), planner.DEFAULT_OVERLAP with auto.
+_C.INFERENCE.OVERLAP = []
+# Memory one batch of windows may take (GB, estimated from the model's activations); bounds the
+# automatic window and INFERENCE.BATCH_SIZE 0.
+_C.INFERENCE.MEMORY_BUDGET_GB = 2.0
 # Voxels cropped from each side of a window's output before blending (not at the volume border).
 _C.INFERENCE.MARGIN = [1, 4, 4]
 # gaussian | bump | constant
 _C.INFERENCE.BLENDING = "gaussian"
-# Windows per forward pass.
+# Windows per forward pass; 0 = as many as MEMORY_BUDGET_GB holds (at most 8).
 _C.INFERENCE.BATCH_SIZE = 4
 # Voxels with foreground probability below this are label 0 in the segmentation.
 _C.INFERENCE.MWS_BACKGROUND = 0.5
@@ -213,6 +222,8 @@ _C.INFERENCE.FILL_BACKGROUND = True
 # (merge neighbours whose mean nearest-neighbour affinity exceeds AGGLOMERATION_THRESHOLD, one shot)
 # | gasp_average (hierarchical average linkage, GASP: the pair with the highest mean affinity merges
 # next, its scores recomputed over all merged contacts, until none exceeds the threshold)
+# | gasp_signed (the same on the signed graph: long-range contacts vote too, so they can keep apart
+# two segments that touch; the GASP of Bailoni et al.)
 # | mala_median (hierarchical, MALA-style: the highest median of the merged pairs' mean affinities
 # merges next, until it is not above the threshold) | multicut (costs logit(mean affinity) -
 # logit(threshold), times contacts; greedy additive + Kernighan-Lin). melecole-tune scores every
@@ -284,7 +295,7 @@ _C.BLOCKWISE.SEED_SIGMA = 1.0
 _C.BLOCKWISE.MIN_FRAGMENT_SIZE = -1
 # Agglomeration of the fragment graph: mws (graph mutex watershed: mean nearest-neighbour affinity
 # attracts, 1 - mean long-range affinity repels) | mean (merge pairs whose mean nearest-neighbour
-# affinity exceeds THRESHOLD; connected components) | gasp_average | mala_median | multicut
+# affinity exceeds THRESHOLD; connected components) | gasp_average | gasp_signed | mala_median | multicut
 # (hierarchical, THRESHOLD as INFERENCE.AGGLOMERATION_THRESHOLD above; melecole-tune --blockwise).
 _C.BLOCKWISE.AGGLOMERATION = "mws"
 _C.BLOCKWISE.THRESHOLD = 0.5

@@ -6,6 +6,7 @@ expected, and raises :class:`melecole.errors.ConfigError`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from yacs.config import CfgNode as CN
@@ -18,7 +19,9 @@ __all__ = [
     "check_inference_windows",
     "downsampling_factors",
     "objective_name",
+    "overlap_setting",
     "validate_cfg",
+    "window_setting",
 ]
 
 # The training objectives (built by melecole.losses.OBJECTIVE_REGISTRY, same names) and the config values
@@ -46,7 +49,7 @@ _CHOICES = {
     "MOCO.PROJECTION_INPUT": ("features", "embedding"),
     "INFERENCE.BLENDING": ("gaussian", "bump", "constant"),
     "INFERENCE.BACKEND": ("auto", "torch", "onnxruntime", "openvino"),
-    "INFERENCE.AGGLOMERATION": ("none", "mws", "mean", "gasp_average", "mala_median", "multicut"),
+    "INFERENCE.AGGLOMERATION": ("none", "mws", "mean", "gasp_average", "gasp_signed", "mala_median", "multicut"),
     "LOG.PROGRESS_BAR": PROGRESS_CHOICES,
 }
 
@@ -78,7 +81,7 @@ _AT_LEAST = {
     "MOCO.PROJECTION_HIDDEN": 0,
     "MOCO.NUM_SAMPLES": 1,
     "MOCO.BATCH_SIZE": 0,
-    "INFERENCE.BATCH_SIZE": 1,
+    "INFERENCE.BATCH_SIZE": 0,
     "INFERENCE.MIN_SEGMENT_SIZE": 0,
     "LOG.CHECKPOINT_FREQUENCY": 0,
     "LOG.LOG_FREQUENCY": 1,
@@ -96,7 +99,10 @@ _IN_RANGE = {
     "MOCO.MOMENTUM": (0.0, 1.0, False),
 }
 
-_POSITIVE = ("LOSS.DELTA_V", "LOSS.DELTA_D", "OPTIM.INITIAL_LR", "OPTIM.STEP_GAMMA", "MOCO.TEMPERATURE")
+_POSITIVE = (
+    "LOSS.DELTA_V", "LOSS.DELTA_D", "OPTIM.INITIAL_LR", "OPTIM.STEP_GAMMA", "MOCO.TEMPERATURE",
+    "INFERENCE.MEMORY_BUDGET_GB",
+)
 
 
 def _value(cfg: CN, key: str) -> Any:
@@ -185,27 +191,75 @@ def _check_offsets(offsets: Any) -> None:
         )
 
 
-def check_inference_windows(cfg: CN) -> tuple[list[int], list[int] | None, list[int]]:
-    """Checks INFERENCE.WINDOW_SIZE / STRIDE / MARGIN against the model and the offsets.
+def window_setting(cfg: CN) -> list[int] | None:
+    """INFERENCE.WINDOW_SIZE checked: 3 integers, or None for ``auto``; empty / null = MODEL.INPUT_SIZE."""
+    value = cfg.INFERENCE.WINDOW_SIZE
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return list(cfg.MODEL.INPUT_SIZE)
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_int(v) and v >= 1 for v in value):
+        raise ConfigError(f"INFERENCE.WINDOW_SIZE: got {value!r}, expected auto or 3 integers >= 1 (z, y, x)")
+    return list(value)
 
-    The window (INFERENCE.WINDOW_SIZE, or MODEL.INPUT_SIZE when empty) must suit the UNet's
-    downsampling; every affinity pair must lie inside one cropped window, so per axis
-    stride <= window - 2 * margin - max |offset| (with an empty stride: that bound is >= 1).
+
+def overlap_setting(cfg: CN) -> list[float] | None:
+    """INFERENCE.OVERLAP checked: per axis a fraction in [0, 1) or whole voxels >= 1; None when empty."""
+    value = cfg.INFERENCE.OVERLAP
+    if len(value) == 0:
+        return None
+
+    def valid(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return 0 <= v < 1 or (v >= 1 and float(v).is_integer())
+
+    if len(value) != 3 or not all(valid(v) for v in value):
+        raise ConfigError(
+            f"INFERENCE.OVERLAP: got {value!r}, expected 3 values (z, y, x), each a fraction of the window "
+            "in [0, 1) or a whole number of voxels"
+        )
+    return [int(v) if v >= 1 else float(v) for v in value]
+
+
+def check_inference_windows(cfg: CN) -> tuple[list[int] | None, list[int] | None, list[int]]:
+    """Checks INFERENCE.WINDOW_SIZE / STRIDE / OVERLAP / MARGIN against the model and the offsets.
+
+    The window (INFERENCE.WINDOW_SIZE, or MODEL.INPUT_SIZE when empty; ``auto`` is planned per volume,
+    :mod:`melecole.inference.planner`) must suit the UNet's downsampling; every affinity pair must
+    lie inside one cropped window, so per axis stride <= window - 2 * margin - max |offset| (with an
+    empty stride: that bound is >= 1). With ``auto`` the stride must be empty (it follows OVERLAP).
 
     Returns:
-        (window, stride or None when INFERENCE.STRIDE is empty, margin), each (z, y, x).
+        (window or None for auto, stride or None when INFERENCE.STRIDE is empty, margin), each (z, y, x).
     """
-    window = list(cfg.INFERENCE.WINDOW_SIZE) or list(cfg.MODEL.INPUT_SIZE)
+    window = window_setting(cfg)
+    overlap = overlap_setting(cfg)
+    margin = list(cfg.INFERENCE.MARGIN)
+    stride = list(cfg.INFERENCE.STRIDE) or None
+    if window is None:
+        if stride:
+            raise ConfigError(
+                f"INFERENCE.STRIDE: got {stride} with INFERENCE.WINDOW_SIZE auto, expected empty (the stride "
+                "follows INFERENCE.OVERLAP)"
+            )
+        return None, None, margin
     factors = downsampling_factors(cfg)
     if any(w % f for w, f in zip(window, factors)):
         raise ConfigError(
             f"INFERENCE.WINDOW_SIZE {window} must be divisible by {factors}, the downsampling of "
             "MODEL.FILTERS/MODEL.POOL_Z"
         )
-    margin = list(cfg.INFERENCE.MARGIN)
     reach = [max(abs(int(o[a])) for o in cfg.INFERENCE.OFFSETS) for a in range(3)]
     limit = [w - 2 * m - r for w, m, r in zip(window, margin, reach)]
-    stride = list(cfg.INFERENCE.STRIDE) or None
+    if overlap is not None and not stride:
+        wanted = [int(v) if v >= 1 else math.ceil(v * w) for v, w in zip(overlap, window)]
+        bad = [a for a in range(3) if window[a] - max(wanted[a], window[a] - limit[a]) < 1]
+        if bad:
+            raise ConfigError(
+                "INFERENCE.OVERLAP: leaves no stride >= 1 for the window; "
+                + "; ".join(f"{'zyx'[a]}: overlap {overlap[a]}, window {window[a]}" for a in bad)
+            )
     bad = [a for a in range(3) if (stride[a] > limit[a] if stride else limit[a] < 1)]
     if bad:
         shown = stride or ["auto"] * 3
@@ -294,7 +348,7 @@ def validate_cfg(cfg: CN) -> None:
     _check_scalars(cfg)
     for key, minimum, allow_empty in (
         ("MODEL.INPUT_SIZE", 1, False), ("MODEL.STEM_KERNEL", 1, False), ("DATASET.PADDING", 0, False),
-        ("INFERENCE.WINDOW_SIZE", 1, True), ("INFERENCE.STRIDE", 1, True), ("INFERENCE.MARGIN", 0, False),
+        ("INFERENCE.STRIDE", 1, True), ("INFERENCE.MARGIN", 0, False),
         ("INFERENCE.MWS_STRIDES", 1, False),
     ):
         _check_triplet(cfg, key, minimum, allow_empty)

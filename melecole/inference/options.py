@@ -9,12 +9,19 @@ drive prediction and segmentation without a config. The cache fingerprint of sto
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
 
-from melecole.config.validate import check_inference_windows
+from melecole.config.validate import check_inference_windows, downsampling_factors, overlap_setting
+from melecole.inference.planner import (
+    WindowRequest,
+    activation_bytes_per_voxel,
+    plan_block_windows,
+    plan_windows,
+)
 from melecole.inference.tta import TTAVariant, parse_tta
 from melecole.utils.offsets import offset_reach
 
@@ -23,6 +30,7 @@ __all__ = [
     "build_predict_options",
     "default_stride",
     "resolve_windows",
+    "window_request",
 ]
 
 Triplet = tuple[int, int, int]
@@ -38,28 +46,57 @@ def default_stride(window: Sequence[int], margin: Sequence[int], offsets: Sequen
     return [max(1, min(w // 2, w - 2 * m - r)) for w, m, r in zip(window, margin, reach)]
 
 
-def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:
-    """(window, stride, margin) from INFERENCE.* / MODEL.INPUT_SIZE.
+def window_request(cfg: Any) -> WindowRequest:
+    """What INFERENCE.WINDOW_SIZE / STRIDE / OVERLAP / MARGIN / BATCH_SIZE / MEMORY_BUDGET_GB ask for,
+    with the model's factors and estimated memory per window voxel (checked by the config's rules)."""
+    window, stride, margin = check_inference_windows(cfg)
+    offsets = cfg.INFERENCE.OFFSETS
+    variants = len(parse_tta(cfg.INFERENCE.TTA, window))
+    return WindowRequest(
+        window=tuple(window) if window is not None else None,
+        stride=tuple(stride) if stride else None,
+        overlap=tuple(overlap_setting(cfg)) if overlap_setting(cfg) is not None else None,
+        margin=tuple(margin),
+        reach=offset_reach(offsets),
+        factors=downsampling_factors(cfg),
+        batch_size=int(cfg.INFERENCE.BATCH_SIZE),
+        memory_budget=float(cfg.INFERENCE.MEMORY_BUDGET_GB) * 1e9,
+        bytes_per_voxel=activation_bytes_per_voxel(
+            cfg.MODEL.FILTERS, cfg.MODEL.POOL_Z, cfg.MODEL.EMBEDDING_DIMENSION, len(offsets), variants
+        ),
+        square_yx="t" in str(cfg.INFERENCE.TTA).lower(),
+        output_bytes_per_voxel=4.0 * (len(offsets) + 1),
+    )
 
-    Window: INFERENCE.WINDOW_SIZE or MODEL.INPUT_SIZE. Stride: INFERENCE.STRIDE, or half the window,
-    lowered where needed so that every affinity pair lies in one cropped window (stride <= window -
-    2 * margin - max |offset| per axis). The checks are the config's own
-    (:func:`melecole.config.validate.check_inference_windows`, run by ``load_cfg``).
+
+def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:
+    """(window, stride, margin) from INFERENCE.* / MODEL.INPUT_SIZE, before any volume is known.
+
+    Window: INFERENCE.WINDOW_SIZE or MODEL.INPUT_SIZE; with ``auto`` the block plan
+    (:func:`melecole.inference.planner.plan_block_windows`). Stride: INFERENCE.STRIDE; else from
+    INFERENCE.OVERLAP; else half the window, lowered where needed so that every affinity pair lies in
+    one cropped window (stride <= window - 2 * margin - max |offset| per axis). The checks are the
+    config's own (:func:`melecole.config.validate.check_inference_windows`, run by ``load_cfg``).
 
     Raises:
         ConfigError: the window does not suit the model, or stride/margin leave pairs uncovered.
     """
-    window, stride, margin = check_inference_windows(cfg)
-    return window, stride or default_stride(window, margin, cfg.INFERENCE.OFFSETS), margin
+    request = window_request(cfg)
+    plan = plan_block_windows(request)
+    return list(plan.window), list(plan.stride), list(request.margin)
 
 
 def _predictor_takes(name: str) -> bool:
-    """Whether :func:`melecole.inference.sliding_window.predict_volume` has the keyword ``name``."""
+    """Whether :func:`melecole.inference.sliding_window.predict_volume` has the keyword ``name``.
+
+    Read from the loaded module (whoever passes these keywords has imported it; importing it here
+    would be a cycle, since it imports this module); False when it is not loaded.
+    """
     import inspect
+    import sys
 
-    from melecole.inference import sliding_window  # imported here: sliding_window imports this module
-
-    return name in inspect.signature(sliding_window.predict_volume).parameters
+    module = sys.modules.get("melecole.inference.sliding_window")
+    return module is not None and name in inspect.signature(module.predict_volume).parameters
 
 
 @dataclass(frozen=True)
@@ -79,6 +116,10 @@ class PredictOptions:
             :func:`melecole.inference.tta.parse_tta`).
         backend: where the forward pass runs (INFERENCE.BACKEND: auto | torch | onnxruntime |
             openvino); passed to ``predict_volume`` when it takes a ``backend`` argument.
+        request: what the config asked for (:class:`~melecole.inference.planner.WindowRequest`);
+            window / stride / batch_size above are its plan without a volume (the block plan, used
+            block by block) until :meth:`plan_for` makes the plan of one volume. None = options
+            built by hand: :meth:`plan_for` keeps them.
     """
 
     window: Triplet
@@ -94,6 +135,19 @@ class PredictOptions:
     num_threads: int = 0
     tta: str = "none"
     backend: str = "auto"
+    request: WindowRequest | None = None
+
+    def plan_for(self, shape: Sequence[int]) -> PredictOptions:
+        """These options with the window, stride and batch size planned for a raw of ``shape``
+        (z, y, x) (:func:`melecole.inference.planner.plan_windows`); the fingerprint records them.
+
+        Raises:
+            ConfigError: no window the model accepts fits INFERENCE.MEMORY_BUDGET_GB.
+        """
+        if self.request is None:
+            return self
+        plan = plan_windows(self.request, [int(size) for size in shape])
+        return dataclasses.replace(self, window=plan.window, stride=plan.stride, batch_size=plan.batch_size)
 
     @property
     def tta_variants(self) -> list[TTAVariant]:
@@ -149,24 +203,29 @@ class PredictOptions:
 
 
 def build_predict_options(cfg: Any) -> PredictOptions:
-    """The prediction options of a merged config (resolves the device: CUDA when available)."""
+    """The prediction options of a merged config (resolves the device: CUDA when available).
+
+    The window / stride / batch size are the block plan (no volume known yet); call
+    :meth:`PredictOptions.plan_for` with a volume's shape for that volume's plan.
+    """
     from melecole.utils.device import resolve_device
 
-    window, stride, margin = resolve_windows(cfg)
+    request = window_request(cfg)  # a bad TTA spec fails here, before any model is loaded
+    plan = plan_block_windows(request)
     device = resolve_device(cfg.HARDWARE.DEVICE)
-    parse_tta(cfg.INFERENCE.TTA, window)  # a bad spec fails here, before any model is loaded
     return PredictOptions(
-        window=tuple(window),
-        stride=tuple(stride),
-        margin=tuple(margin),
+        window=plan.window,
+        stride=plan.stride,
+        margin=request.margin,
         offsets=tuple(tuple(int(v) for v in o) for o in cfg.INFERENCE.OFFSETS),
         delta_d=float(cfg.LOSS.DELTA_D),
         norm=cfg.LOSS.NORM,
         blending=cfg.INFERENCE.BLENDING,
-        batch_size=int(cfg.INFERENCE.BATCH_SIZE),
+        batch_size=plan.batch_size,
         device=str(device),
         amp=bool(cfg.HARDWARE.AMP and device.type == "cuda"),
         num_threads=int(cfg.HARDWARE.NUM_THREADS),
         tta=str(cfg.INFERENCE.TTA),
         backend=str(cfg.INFERENCE.BACKEND),
+        request=request,
     )

@@ -162,7 +162,8 @@ def _axis_candidates(request: WindowRequest, axis: int, cap: int) -> list[int]:
     factor, margin = request.factors[axis], request.margin[axis]
     if request.window is not None:
         return [int(request.window[axis])]
-    top = max(factor, math.ceil(cap / factor) * factor)
+    # At least the smallest accepted window wider than both margins (a tiny axis is padded to it).
+    top = max(math.ceil(cap / factor) * factor, (2 * margin // factor + 1) * factor)
     return [w for w in range(top, 0, -factor) if w > 2 * margin]
 
 
