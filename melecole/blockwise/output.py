@@ -223,8 +223,10 @@ def complete_line(target: OutputTarget) -> str:
 
 
 def _mark_finished(array_folder: Path, fingerprint: dict[str, Any]) -> None:
-    """Adds MeLeCoLe's mark (with the run's fingerprint, complete) to the attributes of the work array
-    (zarr v2: ``.zattrs``, written atomically)."""
+    """Adds MeLeCoLe's mark (with the run's fingerprint, complete) to the attributes of the work output
+    (zarr v2: ``.zattrs``, written atomically): those of the NGFF label image group that
+    :func:`melecole.io.ensure_work_array` made it (its OME-Zarr metadata is kept), or, for a work folder
+    left by an earlier version, of the plain array."""
     path = array_folder / ".zattrs"
     attributes = json.loads(path.read_text()) if path.is_file() else {}
     attributes.update(own_attributes(OUTPUT_KIND, fingerprint=fingerprint, complete=True))
