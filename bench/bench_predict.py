@@ -57,11 +57,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
 BARE_WINDOWS = ((24, 64, 64), (24, 128, 128), (32, 256, 256))
 
 
+THREADS = {"value": 0}  # HARDWARE.NUM_THREADS of every run (--threads; 0 = the config's auto: every core)
+
+
 def setting_cfg(dataset: str, overrides: dict[str, Any]) -> Any:
     """The dataset's config with INFERENCE overrides, validated and frozen."""
     from melecole.config import load_cfg, validate_cfg
 
     cfg = load_cfg(CONFIGS[dataset], freeze=False)
+    cfg.HARDWARE.NUM_THREADS = THREADS["value"]
     for key, value in overrides.items():
         cfg.INFERENCE[key] = value
     validate_cfg(cfg)
@@ -257,12 +261,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backends", nargs="+", default=[None], help="INFERENCE.BACKEND values (default: config's)")
     parser.add_argument("--border-window", nargs=3, type=int, default=[16, 64, 64])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     parser.add_argument("--json", help="append the rows as JSON lines to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    THREADS["value"] = args.threads
+    if args.threads:
+        torch.set_num_threads(args.threads)
     checkpoints = {"medulla": args.checkpoint_medulla, "fib-gala": args.checkpoint_fib_gala or args.checkpoint_medulla}
     checkpoints["synthetic"] = checkpoints["fib-gala"]
     print(f"torch threads {torch.get_num_threads()}; checkpoints {checkpoints}", flush=True)
@@ -275,7 +283,6 @@ def main(argv: list[str] | None = None) -> None:
             window = tuple(args.border_window)
             print_border(dataset, window, border_table(model, cfg, raw, window))
         if "bare" in args.sections:
-            torch.set_num_threads(torch.get_num_threads())
             bare[dataset] = run_bare(model, dataset, args.repeats)
             rows.append({"dataset": dataset, "bare": bare[dataset]})
         largest = "x".join(map(str, largest_window(dataset)))

@@ -28,6 +28,7 @@ import torch
 
 from melecole.errors import ConfigError, DataError
 from melecole.inference.options import PredictOptions, default_stride
+from melecole.inference.planner import NOMINAL_BLOCK
 from melecole.inference.sliding_window import predict_volume
 from melecole.io import (
     LazyVolume,
@@ -58,8 +59,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Output block (z, y, x) of --affinities-only before rounding up to a multiple of the stride.
-DEFAULT_CHUNK = (32, 256, 256)
+# Output block (z, y, x) of --affinities-only before rounding up to a multiple of the stride; the
+# block plan of INFERENCE.WINDOW_SIZE auto is made for this block (planner.plan_block_windows).
+DEFAULT_CHUNK = NOMINAL_BLOCK
 OutputDtype = Literal["float32", "uint8"]
 
 # predictor(model, raw (Z, Y, X) uint8 or float in [0, 1], **kwargs)
