@@ -18,6 +18,7 @@ import pytest
 from cloudvolume import CloudVolume
 
 from melecole.blockwise.runner import SerialExecutor
+from melecole.cli import view
 from melecole.cli.mesh import main as mesh_main
 from melecole.cli.view import mesh_source, view_resolution
 from melecole.errors import ConfigError, DataError
@@ -214,12 +215,16 @@ def test_view_serves_the_mesh_layer_with_its_largest_segments_selected(layer):
     with pytest.raises(DataError, match="voxel size 30 6 4 nm"):
         view_resolution([30.0, 6.0, 6.0], found)
     source, segments = mesh_source(found, "127.0.0.1")
-    assert source.startswith("precomputed://http://127.0.0.1:") and len(segments) == 7
-    sizes = {label: sum(p.stat().st_size for p in (folder / "mesh").glob(f"{label}:0:*")) for label in segments}
-    assert sorted(segments) == [1, 2, 3, 4, 5, 6, 99] and [sizes[s] for s in segments] == sorted(sizes.values())[::-1]
-    with urllib.request.urlopen(source[len("precomputed://"):] + "/mesh/99:0") as response:
-        assert response.headers["Access-Control-Allow-Origin"] == "*"
-        assert json.load(response)["fragments"] == sorted(p.name for p in (folder / "mesh").glob("99:0:*"))
+    try:
+        assert source.startswith("precomputed://http://127.0.0.1:") and len(segments) == 7
+        sizes = {label: sum(p.stat().st_size for p in (folder / "mesh").glob(f"{label}:0:*")) for label in segments}
+        assert sorted(segments) == [1, 2, 3, 4, 5, 6, 99]
+        assert [sizes[label] for label in segments] == sorted(sizes.values(), reverse=True)
+        with urllib.request.urlopen(source[len("precomputed://"):] + "/mesh/99:0") as response:
+            assert response.headers["Access-Control-Allow-Origin"] == "*"
+            assert json.load(response)["fragments"] == sorted(p.name for p in (folder / "mesh").glob("99:0:*"))
+    finally:
+        view.mesh_server.stop()
     state = build_viewer_state(gt=labels, segmentation=labels, segmentation_source=source, segments=segments,
                                resolution=RESOLUTION)
     assert state.layers["segmentation"].source[0].url == source
