@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,15 @@ from melecole.blockwise.tasks import atomic_write_bytes, ensure_work_array, json
 from melecole.errors import DataError
 from melecole.io.volumes import LazyVolume, open_volume
 
-__all__ = ["PredictionJob", "plan_prediction", "prepare_prediction", "predict_task", "default_threads", "PREDICT_PASS"]
+__all__ = [
+    "PredictionJob",
+    "plan_prediction",
+    "prepare_prediction",
+    "predict_task",
+    "default_threads",
+    "worker_threads",
+    "PREDICT_PASS",
+]
 
 PREDICT_PASS = "predict"
 Triple = tuple[int, int, int]
@@ -161,16 +168,27 @@ def _open(url: str) -> LazyVolume:
 
 
 @functools.lru_cache(maxsize=1)
-def _model(checkpoint: str, device: str, threads: int) -> Any:
+def _model(checkpoint: str, device: str) -> Any:
     """The checkpoint's model in eval mode, built once per worker process."""
-    import torch
-
     from melecole.engine.checkpoint import build_model_from_checkpoint
 
-    if threads > 0:
-        torch.set_num_threads(threads)
     model, _, _ = build_model_from_checkpoint(checkpoint, None, device=device)
     return model
+
+
+def worker_threads(threads: int) -> int:
+    """Sets this process's torch CPU threads to ``threads`` (0: leaves them) -> torch's thread count now.
+
+    Called by every prediction task, before its model is built or run: a worker of the LocalCluster
+    starts with ``OMP_NUM_THREADS=1`` (:func:`melecole.blockwise.runner.worker_environment`, for the
+    single-threaded segmentation tasks), so without it the model would run on one thread; the
+    onnxruntime / openvino backends take torch's count too.
+    """
+    import torch
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def predict_task(job: PredictionJob, index: int) -> int:
@@ -182,7 +200,8 @@ def predict_task(job: PredictionJob, index: int) -> int:
 
     box = job.plan.box(index)
     raw, inner = read_padded_block(_open(job.input_url), box, job.halo, None)
-    model = _model(job.checkpoint, job.options.device, job.threads)
+    worker_threads(job.threads)
+    model = _model(job.checkpoint, job.options.device)
     affinities, foreground = predict_volume(model, raw, progress=False, **job.options.predict_kwargs())
     outputs = ((job.affinities_url, affinities, (slice(None),) + box), (job.foreground_url, foreground, box))
     for path, values, target in outputs:
@@ -192,5 +211,7 @@ def predict_task(job: PredictionJob, index: int) -> int:
 
 
 def default_threads(workers: int) -> int:
-    """Torch threads per LocalCluster worker: the cores shared out (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    """Torch threads per LocalCluster worker: the cores this process may use, shared out (at least 1)."""
+    from melecole.utils.device import usable_cpu_count
+
+    return max(1, usable_cpu_count() // max(1, workers))
