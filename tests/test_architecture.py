@@ -94,6 +94,7 @@ SHIMS = (
     "melecole.train_distributed",
     "melecole.demo",
     "melecole.blockwise.__main__",
+    "melecole.mesh.__main__",
     "melecole.data.synthetic:__main__",
 )
 
@@ -201,6 +202,7 @@ LAYERS = {
     "melecole.utils": 0,
     "melecole.config": 0,
     "melecole.io": 1,
+    "melecole.zoo": 1,
     "melecole.segmentation": 2,
     "melecole.evaluation": 2,
     "melecole.models": 2,
@@ -210,6 +212,8 @@ LAYERS = {
     "melecole.inference": 5,
     "melecole.visualization": 5,
     "melecole.blockwise": 6,
+    "melecole.export": 6,
+    "melecole.mesh": 6,
     "melecole.cli": 7,
     "melecole.testing": 7,
     **dict.fromkeys(SHIMS, 7),

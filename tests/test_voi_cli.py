@@ -122,3 +122,21 @@ def test_cli_shape_mismatch_and_missing_file(repo_root: Path, volumes: dict, tmp
     _assert_one_line_error(result, "(4, 12, 13)", "(4, 12, 12)", "odd.hdf")
     result = _run(repo_root, "--gt", str(tmp_path / "missing.hdf"), "--segmentation", str(odd))
     _assert_one_line_error(result, "missing.hdf")
+
+
+def test_a_zarr_segmentation_scores_like_the_same_labels_in_hdf5(volumes: dict, tmp_path: Path) -> None:
+    """The blockwise output is an OME-Zarr label image: variation_of_information.py reads it (folder or
+    folder:key) and scores exactly what the same labels give from HDF5."""
+    from melecole.evaluation.report import evaluate_files
+    from melecole.io import create_volume
+
+    seg = np.pad(volumes["seg"], [(p, p) for p in PADDING], constant_values=99).astype(np.uint64)
+    writer = create_volume(tmp_path / "seg.zarr", seg.shape, np.uint64, layer_type="segmentation")
+    writer.write((slice(0, seg.shape[0]), slice(0, seg.shape[1]), slice(0, seg.shape[2])), seg)
+    writer.commit()
+    from_hdf5 = evaluate_files(volumes["paths"]["gt"], volumes["paths"]["seg"], top_k=0)
+    from_zarr = evaluate_files(volumes["paths"]["gt"], tmp_path / "seg.zarr", top_k=0)
+    zarr_scores, hdf5_scores = from_zarr.results[0].scores, from_hdf5.results[0].scores
+    assert zarr_scores.vi_split == hdf5_scores.vi_split > 0
+    assert zarr_scores.vi_merge == hdf5_scores.vi_merge > 0
+    assert zarr_scores.arand == hdf5_scores.arand

@@ -37,6 +37,13 @@ def read_hdf5_volume(
             and the option that chooses one).
     """
     option = f"--{role.replace(' ', '-')}-key" if role != "ground truth" else "--gt-key"
+    text = os.fspath(path)
+    if "://" in text or ".zarr" in text or os.path.isdir(text):
+        # a zarr (OME-Zarr image group included) or precomputed volume, e.g. the blockwise output
+        from melecole.io import open_volume
+
+        url = text if key is None else f"{text}:{key}"
+        return open_volume(url, default_key).read(), key or ""
     volume = open_hdf5_volume(path, key, default_key=default_key, hint=f"choose one with {option}", role=f"{role} file")
     return volume.read(), volume.url.rsplit(":", 1)[1]
 
