@@ -215,7 +215,8 @@ def run_inference(
         input_path: one volume instead of the split's: an HDF5 file (``file.hdf``, ``file.hdf:key``),
             zarr (``x.zarr[:key]``) or precomputed URL (``precomputed://file:///abs``, ``gs://...``);
             ``split``, if given, only names the outputs. ``raw_key`` overrides DATASET.RAW_KEY.
-        output_dir: run folder for results/ (default: the checkpoint's run folder).
+        output_dir: run folder for results/ (default: the checkpoint's run folder; for ``zoo:NAME``,
+            ``outputs/zoo/NAME`` under the current folder).
         thresholds: extra foreground thresholds; each adds a 'segmentation_tX.XX' dataset.
         overwrite: recompute affinities even if matching cached files exist.
         evaluate: score segmentations against labels when the file has them.
@@ -237,6 +238,9 @@ def run_inference(
     predict.configure_threads()
     model, _, checkpoint = build_model_from_checkpoint(checkpoint_path, cfg, device=predict.torch_device)
     checkpoint_file = Path(checkpoint["path"])
+    if output_dir is None and checkpoint.get("zoo"):
+        # a zoo model has no run folder (its file lies in the installed package): results go to ./outputs
+        output_dir = Path("outputs") / "zoo" / str(checkpoint["zoo"])
     plan = _Plan(
         model=model,
         predict=predict,

@@ -28,7 +28,8 @@ def run_cli(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except MeLeCoLeError as error:
             if os.environ.get("MELECOLE_TRACEBACK"):
                 raise
-            logging.shutdown()
+            for handler in logging.getLogger("melecole").handlers:  # not logging.shutdown(): it would also
+                handler.flush()  # close other libraries' handlers (absl's closes a captured stderr)
             message = " ".join(str(error).split("\n"))
             print(f"error: {message}", file=sys.stderr)
             return 2
