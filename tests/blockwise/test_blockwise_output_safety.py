@@ -242,7 +242,7 @@ def test_resume_of_a_finished_output_says_the_chunks_were_not_re_read(tmp_path, 
     output = tmp_path / "seg.zarr"
     argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--output", str(output), *scheduler(dask_client)]
     assert run(argv, capsys)[0] == 0
-    chunk = next(path for path in output.iterdir() if path.name[0].isdigit())
+    chunk = next(path for path in (output / "0").iterdir() if path.name[0].isdigit())  # level 0 of the image group
     chunk.write_bytes(b"garbage")
     code, out, err = run([*argv, "--resume"], capsys)
     assert code == 0, err
