@@ -172,3 +172,12 @@ def test_flag_after_overrides_is_named():
 def test_stored_config_that_is_not_a_mapping_is_named():
     with pytest.raises(ConfigError, match="run/config.yaml: got str 'mine', expected a mapping of config groups"):
         cfg_from_yaml_text("mine\n", source="run/config.yaml")
+
+
+def test_a_window_size_override_may_switch_between_auto_and_a_list():
+    """configs/fib-gala-UNet3D.yaml says WINDOW_SIZE auto; the command line may give a list, and back."""
+    cfg = load_cfg("configs/fib-gala-UNet3D.yaml", ["INFERENCE.WINDOW_SIZE", "[24, 64, 64]", "INFERENCE.STRIDE", "[12, 32, 32]"])
+    assert cfg.INFERENCE.WINDOW_SIZE == [24, 64, 64] and cfg.INFERENCE.STRIDE == [12, 32, 32]
+    assert load_cfg("configs/fib-gala-UNet3D.yaml", ["INFERENCE.WINDOW_SIZE", "auto"]).INFERENCE.WINDOW_SIZE == "auto"
+    with pytest.raises(ConfigError, match="INFERENCE.WINDOW_SIZE"):
+        load_cfg("configs/fib-gala-UNet3D.yaml", ["INFERENCE.WINDOW_SIZE", "[24, 64]"])

@@ -129,7 +129,31 @@ def _merge(cfg: CN, data: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{full_key}' is a group of keys, got {value!r}")
             _merge(current, value, source, prefix=f"{full_key}.")
         else:
-            cfg[key] = _coerce(value, current, full_key, source)
+            # A key whose default is None takes several types (INFERENCE.WINDOW_SIZE: auto or [z, y, x]):
+            # a value is checked against the default, not against what an earlier yaml set.
+            like = None if full_key in _free_type_keys() else current
+            cfg[key] = _coerce(value, like, full_key, source)
+
+
+def _free_type_keys() -> frozenset[str]:
+    """Full names of the keys whose default is None (their validation is in ``config.validate``)."""
+    global _FREE_TYPE_KEYS
+    if _FREE_TYPE_KEYS is None:
+        found: set[str] = set()
+
+        def walk(node: CN, prefix: str) -> None:
+            for name, item in node.items():
+                if isinstance(item, CN):
+                    walk(item, f"{prefix}{name}.")
+                elif item is None:
+                    found.add(f"{prefix}{name}")
+
+        walk(get_default_cfg(), "")
+        _FREE_TYPE_KEYS = frozenset(found)
+    return _FREE_TYPE_KEYS
+
+
+_FREE_TYPE_KEYS: frozenset[str] | None = None
 
 
 def _suggest(cfg: CN, key: str, prefix: str) -> str:

@@ -143,8 +143,11 @@ def _infer_volume(
 ) -> VolumeResult:
     """One volume: cached or fresh predictions, segmentations, result files, scores."""
     volume, identity, resolution = read_input(source, plan.label_key, plan.padding)
+    predict = plan.predict.plan_for(volume.raw.shape)  # the window plan of this volume's shape
+    logger.info("%s: window %s, stride %s, batch %s, backend %s", source.url,
+                list(predict.window), list(predict.stride), predict.batch_size, predict.backend)
     paths = output_paths(plan.out_dir, prefix)
-    key = fingerprint(plan.predict, plan.checkpoint_sha, plan.iteration, identity, volume.label_region)
+    key = fingerprint(predict, plan.checkpoint_sha, plan.iteration, identity, volume.label_region)
     attrs = {"fingerprint": key, "checkpoint": str(plan.checkpoint_file), "input": source.url}
     cached = None if overwrite else read_cached_predictions(paths, key)
     reused = cached is not None
@@ -154,8 +157,8 @@ def _infer_volume(
         del cached
     else:
         logger.info("%s: predicting raw %s -> output %s", source.url, volume.raw.shape, volume.shape)
-        affinities, foreground = predict_stored(plan.model, volume, plan.predict, progress)
-        write_predictions(paths, affinities, foreground, plan.predict.offsets, attrs)
+        affinities, foreground = predict_stored(plan.model, volume, predict, progress)
+        write_predictions(paths, affinities, foreground, predict.offsets, attrs)
     # float32 weights from the stored float16 values; the affinities are not needed after that.
     weights = mws_weights(affinities, number_of_attractive_channels(plan.segment.offsets))
     del affinities
