@@ -176,7 +176,8 @@ def test_stored_config_that_is_not_a_mapping_is_named():
 
 def test_a_window_size_override_may_switch_between_auto_and_a_list():
     """configs/fib-gala-UNet3D.yaml says WINDOW_SIZE auto; the command line may give a list, and back."""
-    cfg = load_cfg("configs/fib-gala-UNet3D.yaml", ["INFERENCE.WINDOW_SIZE", "[24, 64, 64]", "INFERENCE.STRIDE", "[12, 32, 32]"])
+    overrides = ["INFERENCE.WINDOW_SIZE", "[24, 64, 64]", "INFERENCE.STRIDE", "[12, 32, 32]"]
+    cfg = load_cfg("configs/fib-gala-UNet3D.yaml", overrides)
     assert cfg.INFERENCE.WINDOW_SIZE == [24, 64, 64] and cfg.INFERENCE.STRIDE == [12, 32, 32]
     assert load_cfg("configs/fib-gala-UNet3D.yaml", ["INFERENCE.WINDOW_SIZE", "auto"]).INFERENCE.WINDOW_SIZE == "auto"
     with pytest.raises(ConfigError, match="INFERENCE.WINDOW_SIZE"):
