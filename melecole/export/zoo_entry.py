@@ -200,6 +200,7 @@ def make_zoo_entry(
     _check_destination(folder, overwrite)
     checkpoint = load_checkpoint(run)
     reduced = reduce_checkpoint(checkpoint)
+    reduced["config"] = _with_shipped_inference(checkpoint, config)
     training = {
         "config": config, "command": command, "run": Path(checkpoint["path"]).parent.parent.name,
         "checkpoint": Path(checkpoint["path"]).name, "iteration": reduced["iteration"],
@@ -219,6 +220,17 @@ def make_zoo_entry(
         (temporary / MANIFEST_NAME).write_text(yaml.safe_dump(manifest, sort_keys=False))
     logger.info("zoo entry %s: VI %.4f ARAND %.4f", folder, evaluation["vi"], evaluation["arand"])
     return folder
+
+
+def _with_shipped_inference(checkpoint: dict, config: str) -> str:
+    """The checkpoint's stored config with the INFERENCE group of ``config`` (the recipe as shipped now):
+    a zoo model runs with the recipe's current inference settings, not those of the day it trained."""
+    from melecole.config import load_cfg
+
+    stored, shipped = checkpoint_cfg(checkpoint), load_cfg(config)
+    stored.defrost()
+    stored.INFERENCE = shipped.INFERENCE.clone()
+    return stored.dump()
 
 
 def dataset_info(name: str, *, source: str | None = None, licence: str | None = None,
