@@ -227,7 +227,11 @@ def _with_shipped_inference(checkpoint: dict, config: str) -> str:
     a zoo model runs with the recipe's current inference settings, not those of the day it trained."""
     from melecole.config import load_cfg
 
-    stored, shipped = checkpoint_cfg(checkpoint), load_cfg(config)
+    stored = checkpoint_cfg(checkpoint)
+    if not Path(config).is_file():
+        logger.warning("zoo entry: config %s not found here; keeping the checkpoint's INFERENCE settings", config)
+        return checkpoint["config"]
+    shipped = load_cfg(config)
     stored.defrost()
     stored.INFERENCE = shipped.INFERENCE.clone()
     return stored.dump()
