@@ -51,7 +51,8 @@ def test_tuning_table_equals_voxel_evaluation_blockwise(blockwise_cfg, tiny_volu
     affinities = tiny_volume["affinities"]
     problem, options = blockwise_problem(affinities, boundary_foreground, gt, cfg, fragments_mode=fragments)
     assert (problem.overlaps.fragments == 0).any()
-    points = sweep(problem, ("mws", "mean", "gasp_average", "gasp_signed", "mala_median", "multicut"), (0.4, 0.7), table_scores)
+    modes = ("mws", "mean", "gasp_average", "gasp_signed", "mala_median", "multicut")
+    points = sweep(problem, modes, (0.4, 0.7), table_scores)
     dropped = 0
     for point in points:
         threshold = 0.5 if point.threshold is None else point.threshold
