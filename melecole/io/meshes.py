@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -32,7 +31,7 @@ import numpy as np
 
 from melecole.errors import DataError
 from melecole.io.atomic import replace_folder
-from melecole.io.ownership import OWN_KEY, own_attributes, read_own_attributes
+from melecole.io.ownership import check_replaceable, own_attributes
 from melecole.io.volumes import parse_volume_url
 
 __all__ = [
@@ -55,10 +54,6 @@ __all__ = [
 MESH_KIND = "mesh-segmentation"
 MESH_DIR = "mesh"
 LEGACY_MESH_TYPE = "neuroglancer_legacy_mesh"
-# What a mesh layer written by MeLeCoLe holds: its info, scale folders, the mesh folder (info, manifests,
-# fragments); anything else in an existing output stops --overwrite.
-_LAYER_ENTRY = re.compile(r"^(info|provenance|mesh|\d+(\.\d+)?_\d+(\.\d+)?_\d+(\.\d+)?)$")
-_MESH_ENTRY = re.compile(r"^(info|\d+:0(:[0-9A-Za-z_.-]+)?)$")
 
 
 @dataclass(frozen=True)
@@ -184,41 +179,18 @@ def write_manifests(folder: Path, fragments: Mapping[int, Iterable[str]]) -> int
     return len(fragments)
 
 
-def _foreign_entries(path: Path) -> list[str]:
-    foreign = [name for name in sorted(os.listdir(path)) if not _LAYER_ENTRY.match(name)]
-    mesh = path / MESH_DIR
-    if mesh.is_symlink() or (mesh.exists() and not mesh.is_dir()):
-        foreign.append(MESH_DIR)
-    elif mesh.is_dir():
-        foreign += [f"{MESH_DIR}/{name}" for name in sorted(os.listdir(mesh)) if not _MESH_ENTRY.match(name)]
-    return foreign + [name for name in sorted(os.listdir(path)) if (path / name).is_symlink()]
-
-
 def check_mesh_output(path: Path, overwrite: bool, what: str) -> None:
-    """An existing ``path`` is refused without ``overwrite``, and with it unless it is a mesh layer that
-    MeLeCoLe wrote (its mark in ``info``, no entries but a layer's).
+    """An existing ``path`` is refused without ``overwrite``, and with it unless it is a layer that MeLeCoLe
+    wrote (:func:`melecole.io.ownership.check_replaceable`, which knows a layer's ``mesh/`` folder).
 
     Raises:
         DataError: one line, naming the output and what is there (nothing is touched).
     """
     if not os.path.lexists(path):
         return
-    expected = "expected a MeLeCoLe mesh layer to replace, or a new path (nothing was touched)"
     if not overwrite:
         raise DataError(f"{what}: '{path}' already exists, expected --overwrite to replace it or a new path")
-    if path.is_symlink() or not path.is_dir():
-        raise DataError(f"{what}: '{path}' is a {'symlink' if path.is_symlink() else 'file'}, {expected}")
-    mark = read_own_attributes(path)
-    if mark is None:
-        entries = sorted(os.listdir(path))
-        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-        raise DataError(
-            f"{what}: '{path}' was not written by MeLeCoLe (no '{OWN_KEY}' mark; holds: {shown or 'nothing'}), "
-            f"{expected}"
-        )
-    foreign = _foreign_entries(path)
-    if foreign:
-        raise DataError(f"{what}: '{path}' holds entries MeLeCoLe did not write ({', '.join(foreign[:5])}), {expected}")
+    check_replaceable(path, what)
 
 
 def commit_mesh_layer(temporary: Path, final: Path, overwrite: bool, what: str) -> None:

@@ -42,7 +42,9 @@ OWN_KEY = "melecole"
 # v3: zarr.json and chunks under "c/"); a precomputed layer: info, provenance and scale folders.
 _ZARR_METADATA = {".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"}
 _CHUNK_NAME = re.compile(r"^(\d+([._]\d+)*|c)$")
-_PRECOMPUTED_ENTRY = re.compile(r"^(info|provenance|\d+(\.\d+)?_\d+(\.\d+)?_\d+(\.\d+)?)$")
+_PRECOMPUTED_ENTRY = re.compile(r"^(info|provenance|mesh|\d+(\.\d+)?_\d+(\.\d+)?_\d+(\.\d+)?)$")
+# What the mesh folder of a precomputed layer holds: its info, label manifests and fragment files.
+_MESH_ENTRY = re.compile(r"^(info|\d+:0(:[0-9A-Za-z_.-]+)?)$")
 
 
 def own_attributes(kind: str, **extra: Any) -> dict[str, Any]:
@@ -82,6 +84,13 @@ def _foreign_entries(folder: Path) -> list[str]:
         if entry in _ZARR_METADATA or pattern.match(entry):
             if (folder / entry).is_symlink():
                 foreign.append(entry)
+            elif precomputed and entry == "mesh":
+                mesh = folder / entry
+                if not mesh.is_dir():
+                    foreign.append(entry)
+                else:
+                    foreign += [f"mesh/{name}" for name in sorted(os.listdir(mesh))
+                                if not _MESH_ENTRY.match(name) or (mesh / name).is_symlink()]
             continue
         foreign.append(entry)
     return foreign
