@@ -164,3 +164,46 @@ def test_output_may_not_overlap_the_checkpoint(tiny_checkpoint):
         with pytest.raises(DataError, match=r"--output: .* (is|contains) the input --checkpoint"):
             export_checkpoint(tiny_checkpoint, "torchscript", output, overwrite=True)
     assert _tree(run) == before
+
+
+@pytest.mark.parametrize("norm", [torch.nn.GroupNorm(2, 8), torch.nn.InstanceNorm3d(8, affine=True)])
+def test_export_group_norm_equals_torchs_norm(norm):
+    from melecole.models.export import ExportGroupNorm, _exact_norms
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    holder = torch.nn.Sequential(norm)
+    # A large offset: a one-pass E[x^2] - E[x]^2 would lose most digits of the variance here.
+    x = torch.randn(2, 8, 6, 20, 24) * 0.5 + 40.0
+    expected = holder.double()(x.double())  # float64: the reference both float32 versions are held to
+    torch_error = (holder.float()(x) - expected).abs().max().item()
+    _exact_norms(holder)
+    assert isinstance(holder[0], ExportGroupNorm)
+    error = (holder(x) - expected).abs().max().item()
+    assert error < 1e-4 and error <= 2 * torch_error, (error, torch_error)
+
+
+def test_onnx_runtime_group_norm_stays_exact_on_a_large_window():
+    """ONNX Runtime's own GroupNorm sums a whole window in one float32 reduction; the exported one does not."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from melecole.models.export import onnx_bytes
+
+    class Normed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = torch.nn.GroupNorm(2, 4)
+
+        def forward(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+            features = self.norm(raw.expand(-1, 4, -1, -1, -1) * torch.arange(1.0, 5.0).reshape(1, 4, 1, 1, 1))
+            return {"embedding": features, "foreground": features[:, :1]}
+
+    model = Normed().eval()
+    window = (32, 160, 160)  # 0.8 M voxels per channel
+    session = onnxruntime.InferenceSession(onnx_bytes(model, window), providers=["CPUExecutionProvider"])
+    raw = torch.rand(1, 1, *window) * 0.1 + 0.9
+    embedding = session.run(None, {session.get_inputs()[0].name: raw.numpy()})[0]
+    with torch.no_grad():
+        expected = model(raw)["embedding"].numpy()
+    np.testing.assert_allclose(embedding, expected, atol=1e-4, rtol=0)
