@@ -124,3 +124,46 @@ def test_non_cpu_device_and_auto_choice(model: UNet3D) -> None:
         next(name for name in backends.AUTO_ORDER if name in INSTALLED), TorchBackend
     )
     assert isinstance(build_backend("auto", model, WINDOW), expected)
+
+
+@pytest.mark.skipif("openvino" not in INSTALLED, reason="openvino not installed")
+def test_openvino_runs_tta_variants_concurrently_with_the_same_outputs(model: UNet3D) -> None:
+    batches = [torch.rand((1, 1, *WINDOW), generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    sequential = build_backend("openvino", model, WINDOW, threads=2)
+    concurrent = build_backend("openvino", model, WINDOW, threads=2, parallel=4)
+    assert (sequential.streams, concurrent.streams) == (1, 2)  # streams = min(parallel, threads)
+    assert build_backend("openvino", model, WINDOW, threads=1, parallel=4).streams == 1
+    outputs = concurrent.run_many(batches)  # groups of 2 requests, then 1
+    assert len(outputs) == 3
+    for batch, output in zip(batches, outputs):
+        expected = sequential(batch)
+        for key in ("embedding", "foreground"):
+            torch.testing.assert_close(output[key], expected[key], atol=1e-5, rtol=0)
+    assert not torch.equal(outputs[0]["embedding"], outputs[1]["embedding"])  # each request kept its own output
+
+
+def test_window_affinities_hands_all_variants_to_a_concurrent_backend(model: UNet3D) -> None:
+    from melecole.inference.tta import window_affinities
+
+    class Concurrent:
+        streams = 2
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            raise AssertionError("a concurrent backend gets every variant through run_many")
+
+        def run_many(self, batches):
+            self.calls.append(len(batches))
+            return [model(batch) for batch in batches]
+
+    batch = torch.rand((2, 1, *WINDOW), generator=torch.Generator().manual_seed(5))
+    variants = parse_tta("yx", WINDOW)
+    backend = Concurrent()
+    with torch.inference_mode():
+        affinities, foreground = window_affinities(backend, batch, variants, OFFSETS, 1.5, "l2")
+        expected = window_affinities(model, batch, variants, OFFSETS, 1.5, "l2")
+    assert backend.calls == [4]
+    torch.testing.assert_close(affinities, expected[0], atol=0, rtol=0)
+    torch.testing.assert_close(foreground, expected[1], atol=0, rtol=0)

@@ -9,7 +9,8 @@ device. Everything after the forward pass (affinities, TTA, blending) stays in t
 - ``onnxruntime``: the model exported to ONNX once (:func:`melecole.models.export.onnx_bytes`, in
   memory), run by an ONNX Runtime CPU session with all graph optimisations and torch's thread count.
 - ``openvino``: the same ONNX compiled by OpenVINO for the CPU (float32 precision forced: on CPUs with
-  bfloat16 units OpenVINO would otherwise lower the precision), torch's thread count.
+  bfloat16 units OpenVINO would otherwise lower the precision), torch's thread count; the TTA
+  variants of a batch run concurrently as separate infer requests on streams that split the threads.
 - ``auto``: on CPU the fastest installed one in :data:`AUTO_ORDER` (measured by
   bench/bench_backends.py), on CUDA torch. A backend that is not installed or fails to export or
   compile is skipped with one logged line.
@@ -63,6 +64,10 @@ class Backend(Protocol):
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
+    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The outputs of several batches (e.g. one per TTA variant), concurrently where the backend can."""
+        ...
+
 
 class TorchBackend:
     """The torch model, eager, as sliding-window prediction always ran it (float16 autocast on CUDA if ``amp``).
@@ -83,8 +88,9 @@ class TorchBackend:
         device: str | torch.device = "cpu",
         threads: int | None = None,
         amp: bool = True,
+        parallel: int = 1,
     ) -> None:
-        del window, batch_size, threads  # torch takes any window; threads are the caller's torch setting
+        del window, batch_size, threads, parallel  # any window; torch's own threads; one batch at a time
         self.model = model
         use_amp = amp and torch.device(device).type == "cuda"
         self._autocast = (
@@ -94,6 +100,9 @@ class TorchBackend:
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         with self._autocast():
             return self.model(batch)
+
+    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [self(batch) for batch in batches]
 
 
 def _outputs(embedding: np.ndarray, foreground: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -121,17 +130,28 @@ class OnnxRuntimeBackend:
         device: str | torch.device = "cpu",
         threads: int | None = None,
         amp: bool = True,
+        parallel: int = 1,
     ) -> None:
-        del batch_size, amp  # the batch axis is dynamic; float32 on CPU
+        del batch_size, amp, parallel  # the batch axis is dynamic; float32 on CPU; one run at a time
         self.session = _cached(self.name, model, window, _threads(threads), _onnxruntime_session)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         embedding, foreground = self.session.run(None, {"raw": _numpy_input(batch)})
         return _outputs(embedding, foreground, batch.device)
 
+    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [self(batch) for batch in batches]
+
 
 class OpenVinoBackend:
-    """The model's ONNX compiled by OpenVINO for the CPU, float32 (see the module docstring)."""
+    """The model's ONNX compiled by OpenVINO for the CPU, float32 (see the module docstring).
+
+    With ``parallel`` > 1 (inputs that are always run together, e.g. the TTA variants of a batch) and
+    at least 2 threads, the model is compiled for min(parallel, threads) streams that split the
+    threads, and :meth:`run_many` runs the inputs concurrently, one infer request each: on 2 cores the
+    two passes of TTA x take 0.80-0.88 of the time of two sequential 2-thread passes
+    (bench/RESULTS.md, "Forward backends").
+    """
 
     name = "openvino"
 
@@ -143,17 +163,40 @@ class OpenVinoBackend:
         device: str | torch.device = "cpu",
         threads: int | None = None,
         amp: bool = True,
+        parallel: int = 1,
     ) -> None:
         del batch_size, amp
-        compiled = _cached(self.name, model, window, _threads(threads), _openvino_compiled)
-        # One infer request per prediction: requests are not thread-safe, the compiled model is.
-        self.request = compiled.create_infer_request()
+        threads = _threads(threads)
+        streams = max(1, min(int(parallel), threads))
+        compiled = _cached(self.name, model, window, threads, _openvino_compiled, streams)
+        # One infer request per stream and prediction: requests are not thread-safe, the compiled model is.
+        self.requests = [compiled.create_infer_request() for _ in range(streams)]
+        self.streams = streams  # window_affinities hands this backend's run_many all TTA variants at once
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.request.infer({0: _numpy_input(batch)})
+        request = self.requests[0]
+        request.infer({0: _numpy_input(batch)})
+        return self._take(request, batch.device)
+
+    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs: list[dict[str, torch.Tensor]] = []
+        for first in range(0, len(batches), len(self.requests)):
+            group = list(zip(self.requests, batches[first : first + len(self.requests)]))
+            if len(group) == 1:
+                outputs.append(self(group[0][1]))
+                continue
+            for request, batch in group:
+                request.start_async({0: _numpy_input(batch)})
+            for request, _ in group:
+                request.wait()
+            outputs.extend(self._take(request, batch.device) for request, batch in group)
+        return outputs
+
+    @staticmethod
+    def _take(request: Any, device: torch.device) -> dict[str, torch.Tensor]:
         # Copies: the request reuses its output buffers on the next call.
-        embedding, foreground = (self.request.get_output_tensor(i).data.copy() for i in range(2))
-        return _outputs(embedding, foreground, batch.device)
+        embedding, foreground = (request.get_output_tensor(i).data.copy() for i in range(2))
+        return _outputs(embedding, foreground, device)
 
 
 # name -> backend class taking (model, window, batch_size, device, threads, amp).
@@ -192,6 +235,7 @@ def build_backend(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     amp: bool = True,
+    parallel: int = 1,
 ) -> Backend:
     """The forward backend ``name`` (auto | torch | onnxruntime | openvino) for one prediction.
 
@@ -204,6 +248,8 @@ def build_backend(
         device: where prediction runs; anything but CPU runs torch.
         threads: CPU threads of onnxruntime / openvino; None or 0 = torch's current thread count.
         amp: float16 autocast for torch on CUDA.
+        parallel: inputs always run together through ``run_many`` (the TTA variants); openvino runs
+            up to that many concurrently, each on its share of the threads.
 
     Raises:
         ConfigError: unknown name, or an explicitly named backend whose package is not installed.
@@ -215,7 +261,7 @@ def build_backend(
     if device.type != "cpu" or name == "torch":
         if name not in ("auto", "torch"):
             _LOGGER.info("INFERENCE.BACKEND %s runs on CPU only; using torch on %s", name, device)
-        return TorchBackend(model, window, batch_size, device, threads, amp)
+        return TorchBackend(model, window, batch_size, device, threads, amp, parallel=parallel)
     if name != "auto":
         if not _installed(name):
             installed = ", ".join(choice for choice in BACKENDS if _installed(choice))
@@ -223,16 +269,16 @@ def build_backend(
                 f"INFERENCE.BACKEND: {name!r} needs the Python package {_PACKAGES[name]!r}, which is not installed "
                 f"(pip install {_PACKAGES[name]}); expected an installed backend: auto, {installed}"
             )
-        return BACKENDS[name](model, window, batch_size, device, threads, amp)
+        return BACKENDS[name](model, window, batch_size, device, threads, amp, parallel=parallel)
     for candidate in AUTO_ORDER:
         if not _installed(candidate):
             _LOGGER.info("INFERENCE.BACKEND auto: %s is not installed; trying the next backend", candidate)
             continue
         try:
-            return BACKENDS[candidate](model, window, batch_size, device, threads, amp)
+            return BACKENDS[candidate](model, window, batch_size, device, threads, amp, parallel=parallel)
         except BackendUnavailable as error:
             _LOGGER.warning("INFERENCE.BACKEND auto: %s unavailable (%s); trying the next backend", candidate, error)
-    return TorchBackend(model, window, batch_size, device, threads, amp)
+    return TorchBackend(model, window, batch_size, device, threads, amp, parallel=parallel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,10 +295,15 @@ def _weights_version(model: torch.nn.Module) -> tuple:
 
 
 def _cached(
-    name: str, model: torch.nn.Module, window: Sequence[int], threads: int, build: Callable[[bytes, int], Any]
+    name: str,
+    model: torch.nn.Module,
+    window: Sequence[int],
+    threads: int,
+    build: Callable[[bytes, int, int], Any],
+    streams: int = 1,
 ) -> Any:
-    """``build(onnx bytes, threads)`` for this model, cached; BackendUnavailable when export or build fails."""
-    key = (name, id(model), _weights_version(model), tuple(int(size) for size in window), threads)
+    """``build(onnx bytes, threads, streams)`` for this model, cached; BackendUnavailable when export/build fails."""
+    key = (name, id(model), _weights_version(model), tuple(int(size) for size in window), threads, streams)
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
         if entry is not None and entry[0]() is model:
@@ -261,7 +312,7 @@ def _cached(
         from melecole.models.export import onnx_bytes
 
         try:
-            compiled = build(onnx_bytes(model, window), threads)
+            compiled = build(onnx_bytes(model, window), threads, streams)
         except Exception as error:  # noqa: BLE001 - any exporter/runtime failure makes the backend unavailable
             raise BackendUnavailable(f"{name} could not run the model: {type(error).__name__}: {error}") from error
         _CACHE[key] = (weakref.ref(model), compiled)
@@ -270,9 +321,10 @@ def _cached(
         return compiled
 
 
-def _onnxruntime_session(data: bytes, threads: int) -> Any:
+def _onnxruntime_session(data: bytes, threads: int, streams: int = 1) -> Any:
     import onnxruntime
 
+    del streams  # one session run at a time
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -282,9 +334,13 @@ def _onnxruntime_session(data: bytes, threads: int) -> Any:
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _openvino_compiled(data: bytes, threads: int) -> Any:
+def _openvino_compiled(data: bytes, threads: int, streams: int = 1) -> Any:
     import openvino
 
     core = openvino.Core()
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    if streams > 1:  # concurrent requests (run_many), the threads split between the streams
+        config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+    else:
+        config["PERFORMANCE_HINT"] = "LATENCY"
     return core.compile_model(core.read_model(data), "CPU", config)

@@ -288,12 +288,19 @@ class _WindowGrid:
             target.append(slice(begin - plan.out_begin, end - plan.out_begin))
             weights.append((affinity_weight[:, cut], foreground_weight[cut]))
         (az, fz), (ay, fy), (ax, fx) = weights
-        affinity_weight = az[:, :, None, None] * ay[:, None, :, None] * ax[:, None, None, :]
-        foreground_weight = fz[:, None, None] * fy[None, :, None] * fx[None, None, :]
         local, target = tuple(local), tuple(target)
-        weighted = (window_affinities[(slice(None),) + local] * affinity_weight).cpu().numpy()
-        self.affinities[(slice(None),) + target] += weighted
-        self.foreground[target] += (window_foreground[local] * foreground_weight).cpu().numpy()
+        # The separable weight is applied as two factors, (C, z, y, 1) and (C, 1, 1, x), in place on the
+        # window's own tensors: no (C, z, y, x) weight or product is allocated.
+        values = window_affinities[(slice(None),) + local].mul_(ax[:, None, None, :])
+        affinity_weight = az[:, :, None, None] * ay[:, None, :, None]
+        fg_values = window_foreground[local].mul_(fx[None, None, :])
+        foreground_weight = fz[:, None] * fy[None, :]
+        if values.device.type == "cpu":  # torch's threads add into the numpy sums through shared memory
+            torch.from_numpy(self.affinities)[(slice(None),) + target].addcmul_(values, affinity_weight)
+            torch.from_numpy(self.foreground)[target].addcmul_(fg_values, foreground_weight[:, :, None])
+        else:
+            self.affinities[(slice(None),) + target] += values.mul_(affinity_weight).cpu().numpy()
+            self.foreground[target] += fg_values.mul_(foreground_weight[:, :, None]).cpu().numpy()
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:
         """Divides the weighted sums by the weight sums (in place); returns (affinities, foreground)."""
@@ -362,7 +369,7 @@ def predict_volume(
     grid = _WindowGrid(raw, window, stride, margin, offsets, blending, region, device)
     variants = list(tta or [IDENTITY])
     model.eval()
-    forward = build_backend(backend, model, window, batch_size, device, amp=amp)
+    forward = build_backend(backend, model, window, batch_size, device, amp=amp, parallel=len(variants))
     bar = progress_bar(total=len(grid.positions), desc="windows", unit="win", enabled=progress, leave=False)
     with torch.inference_mode():
         for first in range(0, len(grid.positions), batch_size):

@@ -122,15 +122,20 @@ def window_affinities(
     for variant in variants:
         if variant.transpose and batch.shape[-1] != batch.shape[-2]:
             raise ValueError(f"TTA variant {variant.name!r} needs windows with y == x, got {tuple(batch.shape[-3:])}")
-        output = forward(variant.apply(batch))
+    if len(variants) > 1 and getattr(forward, "streams", 1) > 1:  # a backend that runs them concurrently
+        outputs = forward.run_many([variant.apply(batch) for variant in variants])  # type: ignore[attr-defined]
+    else:
+        outputs = (forward(variant.apply(batch)) for variant in variants)  # one variant in memory at a time
+    for variant, output in zip(variants, outputs):
         mapped = [variant.map_offset(offset) for offset in offsets]
         variant_affinities = variant.invert(affinities_tensor(output["embedding"].float(), mapped, delta_d, norm))
         variant_foreground = variant.invert(torch.sigmoid(output["foreground"].float())[:, 0])
         if affinities is None:
             affinities, foreground = variant_affinities, variant_foreground
         else:
-            affinities = affinities + variant_affinities
-            foreground = foreground + variant_foreground
+            affinities.add_(variant_affinities)
+            foreground.add_(variant_foreground)
     if len(variants) > 1:
-        affinities, foreground = affinities / len(variants), foreground / len(variants)
+        affinities.div_(len(variants))
+        foreground.div_(len(variants))
     return affinities, foreground
