@@ -42,6 +42,7 @@ __all__ = [
     "VolumeResult",
     "file_sha256",
     "fingerprint",
+    "matching_foreground",
     "output_paths",
     "read_cached_predictions",
     "results_dir",
@@ -182,3 +183,41 @@ def read_cached_predictions(paths: dict[str, Path], expected: str) -> tuple[np.n
         except (OSError, DataError):  # unreadable leftovers are simply recomputed
             return None
     return arrays[0], arrays[1]
+
+
+def matching_foreground(affinities_url: str) -> str | None:
+    """The foreground ``infer.py`` stored with these affinities, as a volume URL, or None.
+
+    ``<prefix>_affinities.hdf`` written by ``infer.py`` (its dataset ``affinities``, a fingerprint of
+    this format) has a ``<prefix>_membranes.hdf`` beside it with the same fingerprint: the foreground
+    probability of the same prediction, which the watershed of ``infer.py`` masks with
+    (INFERENCE.MWS_BACKGROUND). Anything else (another file name, another writer, a membrane file of
+    another prediction) gives None.
+    """
+    from melecole.io.volumes import parse_volume_url
+
+    try:
+        url = parse_volume_url(affinities_url)
+    except Exception:  # noqa: BLE001 - not a URL this helper understands: no foreground to offer
+        return None
+    path = url.local_path if url.format == "hdf5" else None
+    suffix = f"_{AFFINITIES_KEY}.hdf"
+    if path is None or url.key not in (None, AFFINITIES_KEY) or not path.name.endswith(suffix):
+        return None
+    sibling = path.with_name(path.name[: -len(suffix)] + f"_{MEMBRANES_KEY}.hdf")
+    if not sibling.is_file():
+        return None
+    try:
+        with open_hdf5(path) as first, open_hdf5(sibling) as second:
+            prints = [handle.attrs.get("fingerprint") for handle in (first, second)]
+            has_key = MEMBRANES_KEY in second
+    except (OSError, DataError):
+        return None
+    if not has_key or prints[0] is None or prints[0] != prints[1]:
+        return None
+    try:
+        if json.loads(prints[0]).get("format") != FINGERPRINT_FORMAT:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return f"{sibling}:{MEMBRANES_KEY}"
