@@ -2,7 +2,7 @@
 
 Run: ``python bench/bench_blockwise_real.py --affinities RUN/results/last/val_affinities.hdf:affinities
 --config configs/medulla-UNet3D.yaml [--block 32 128 128] [--fragments mws watershed] [--workers 2]
-[--repeat 2] [--reference DIR]``
+[--repeat 2] [--reference DIR] [--no-foreground]``
 
 Each run is ``python -m melecole.blockwise`` in a subprocess (start-up, checks, dask cluster, the four
 passes, commit: what a user waits for). Printed per run: wall seconds and Mvoxel/s, the passes' own
@@ -33,7 +33,8 @@ def run_once(args: argparse.Namespace, fragments: str, output: Path) -> tuple[fl
     command = [
         sys.executable, "-m", "melecole.blockwise", "--affinities", args.affinities, "--output", str(output),
         "--config", args.config, "--workers", str(args.workers), "--fragments", fragments, "--overwrite",
-        *(["--block", *map(str, args.block)] if args.block else []), "LOG.PROGRESS_BAR", "False",
+        *(["--block", *map(str, args.block)] if args.block else []),
+        *(["--no-foreground"] if args.no_foreground else []), "LOG.PROGRESS_BAR", "False",
     ]  # fmt: skip
     start = time.perf_counter()
     process = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, nargs=3, help="--block (default: the config's)")
     parser.add_argument("--fragments", nargs="+", default=["mws", "watershed"], choices=["mws", "watershed"])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-foreground", action="store_true",
+                        help="segment without infer.py's stored foreground (taken by default since 2026-12-03)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode (the best is printed)")
     parser.add_argument("--reference", type=Path, help="folder of <fragments>.zarr labels to compare with")
     parser.add_argument("--keep", type=Path, help="write the outputs here as <fragments>.zarr (default: temporary)")

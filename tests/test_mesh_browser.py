@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_view_browser import CHROMIUM, CHROMIUM_FLAGS, free_port
+from test_view_browser import CHROMIUM, free_port, start_chromium, stop_all
 
 from melecole.mesh import mesh_segmentation
 
@@ -142,21 +140,6 @@ def page_errors(events: list[dict]) -> list[str]:
     return errors
 
 
-def start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
-    browser = subprocess.Popen(
-        [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    active_port = profile / "DevToolsActivePort"
-    start = time.monotonic()
-    while not active_port.exists() and time.monotonic() - start < 30:
-        time.sleep(0.2)
-    assert active_port.exists(), "chromium did not open its DevTools port"
-    return browser, int(active_port.read_text().split()[0])
-
-
 def test_neuroglancer_loads_the_mesh_layer_in_headless_chromium(tmp_path: Path, repo_root: Path) -> None:
     z, y, x = np.indices((8, 48, 48))
     labels = (1 + (y // 24) * 2 + (x // 24)).astype(np.uint32)
@@ -181,15 +164,7 @@ def test_neuroglancer_loads_the_mesh_layer_in_headless_chromium(tmp_path: Path, 
         browser, devtools_port = start_chromium(tmp_path / "chromium-profile")
         state, events = asyncio.run(load_page(devtools_port, url, len(fragments), time.monotonic() + 40))
     finally:
-        if browser is not None:
-            os.killpg(browser.pid, signal.SIGTERM)
-            browser.wait(timeout=30)
-        viewer.send_signal(signal.SIGINT)
-        try:
-            viewer.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            viewer.kill()
-            viewer.wait()
+        stop_all(browser, viewer, viewer_timeout=15)
     segmentation = next(layer for layer in state if layer["name"] == "segmentation")
     assert segmentation["sources"] == ["ok"], segmentation
     served = responses(events, "http://")

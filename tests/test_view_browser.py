@@ -114,6 +114,35 @@ async def screenshot_until_drawn(devtools_port: int, url: str, out: Path, deadli
     return colours
 
 
+def start_chromium(profile: Path) -> tuple[subprocess.Popen, int]:
+    """Headless Chromium with a fresh profile; (its process, its DevTools port)."""
+    browser = subprocess.Popen(
+        [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    active_port = profile / "DevToolsActivePort"
+    start = time.monotonic()
+    while not active_port.exists() and time.monotonic() - start < 30:
+        time.sleep(0.2)
+    assert active_port.exists(), "chromium did not open its DevTools port"
+    return browser, int(active_port.read_text().split()[0])
+
+
+def stop_all(browser: subprocess.Popen | None, viewer: subprocess.Popen, viewer_timeout: float) -> None:
+    """Ends Chromium (its whole session) and view.py (Ctrl-C, then kill after ``viewer_timeout`` s)."""
+    if browser is not None:
+        os.killpg(browser.pid, signal.SIGTERM)
+        browser.wait(timeout=30)
+    viewer.send_signal(signal.SIGINT)
+    try:
+        viewer.wait(timeout=viewer_timeout)
+    except subprocess.TimeoutExpired:
+        viewer.kill()
+        viewer.wait()
+
+
 def test_view_draws_segmentation_in_headless_chromium(tmp_path: Path, repo_root: Path) -> None:
     volume = tmp_path / "tiny.hdf"
     write_tiny_volume(volume)
@@ -145,36 +174,10 @@ def test_view_draws_segmentation_in_headless_chromium(tmp_path: Path, repo_root:
             url,
             viewer.stderr.read() if viewer.poll() else "",
         )
-        profile = tmp_path / "chromium-profile"
-        browser = subprocess.Popen(
-            [
-                str(CHROMIUM),
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={profile}",
-                "--remote-debugging-port=0",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        active_port = profile / "DevToolsActivePort"
-        start = time.monotonic()
-        while not active_port.exists() and time.monotonic() - start < 30:
-            time.sleep(0.2)
-        assert active_port.exists(), "chromium did not open its DevTools port"
-        devtools_port = int(active_port.read_text().split()[0])
+        browser, devtools_port = start_chromium(tmp_path / "chromium-profile")
         shot = tmp_path / "shot.png"
         colours = asyncio.run(screenshot_until_drawn(devtools_port, url, shot, time.monotonic() + 60))
         print(f"screenshot {shot}: {colours} distinct saturated colours")
         assert colours >= 4, f"segmentation not drawn: {colours} saturated colours in {shot}"
     finally:
-        if browser is not None:
-            os.killpg(browser.pid, signal.SIGTERM)
-            browser.wait(timeout=30)
-        viewer.send_signal(signal.SIGINT)
-        try:
-            viewer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            viewer.kill()
-            viewer.wait()
+        stop_all(browser, viewer, viewer_timeout=10)
