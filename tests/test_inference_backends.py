@@ -133,7 +133,7 @@ def test_openvino_runs_tta_variants_concurrently_with_the_same_outputs(model: UN
     concurrent = build_backend("openvino", model, WINDOW, threads=2, parallel=4)
     assert (sequential.streams, concurrent.streams) == (1, 2)  # streams = min(parallel, threads)
     assert build_backend("openvino", model, WINDOW, threads=1, parallel=4).streams == 1
-    outputs = concurrent.run_many(batches)  # groups of 2 requests, then 1
+    outputs = list(concurrent.run_many(batches))  # groups of 2 requests, then 1
     assert len(outputs) == 3
     for batch, output in zip(batches, outputs):
         expected = sequential(batch)

@@ -172,3 +172,24 @@ def test_backend_reaches_the_options() -> None:
     options = build_predict_options(load_cfg(None, MODEL + ["INFERENCE.BACKEND", "onnxruntime"]))
     assert options.backend == "onnxruntime"
     assert options.predict_kwargs().get("backend", "onnxruntime") == "onnxruntime"
+
+
+def test_concurrent_tta_passes_count_in_the_memory_estimate() -> None:
+    from melecole.inference.options import window_request
+    from melecole.inference.planner import activation_bytes_per_voxel
+
+    one = activation_bytes_per_voxel([8, 16], [False], 4, 12, variants=2, concurrent=1)
+    two = activation_bytes_per_voxel([8, 16], [False], 4, 12, variants=2, concurrent=2)
+    affinities = 4.0 * 2 * 12 * 2  # per variant and accumulated, float32: not doubled by concurrency
+    assert two - affinities == pytest.approx(2 * (one - affinities))
+
+    def per_voxel(*overrides: str) -> float:
+        return window_request(load_cfg(None, AUTO + ["HARDWARE.NUM_THREADS", "2", *overrides])).bytes_per_voxel
+
+    # OpenVINO (and auto, which picks it on CPU) runs the two x-flip passes together on 2 threads.
+    assert per_voxel("INFERENCE.TTA", "x", "INFERENCE.BACKEND", "openvino") == pytest.approx(two)
+    assert per_voxel("INFERENCE.TTA", "x", "INFERENCE.BACKEND", "auto") == pytest.approx(two)
+    assert per_voxel("INFERENCE.TTA", "x", "INFERENCE.BACKEND", "torch") == pytest.approx(one)
+    assert per_voxel("INFERENCE.TTA", "x", "INFERENCE.BACKEND", "openvino", "HARDWARE.NUM_THREADS", "1") == (
+        pytest.approx(one)
+    )

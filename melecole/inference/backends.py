@@ -28,7 +28,7 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -64,8 +64,8 @@ class Backend(Protocol):
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
-    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """The outputs of several batches (e.g. one per TTA variant), concurrently where the backend can."""
+    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterable[dict[str, torch.Tensor]]:
+        """The outputs of several batches in order (e.g. one per TTA variant), concurrently where it can."""
         ...
 
 
@@ -101,8 +101,8 @@ class TorchBackend:
         with self._autocast():
             return self.model(batch)
 
-    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        return [self(batch) for batch in batches]
+    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        return (self(batch) for batch in batches)
 
 
 def _outputs(embedding: np.ndarray, foreground: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -139,8 +139,8 @@ class OnnxRuntimeBackend:
         embedding, foreground = self.session.run(None, {"raw": _numpy_input(batch)})
         return _outputs(embedding, foreground, batch.device)
 
-    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        return [self(batch) for batch in batches]
+    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        return (self(batch) for batch in batches)
 
 
 class OpenVinoBackend:
@@ -178,19 +178,18 @@ class OpenVinoBackend:
         request.infer({0: _numpy_input(batch)})
         return self._take(request, batch.device)
 
-    def run_many(self, batches: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        outputs: list[dict[str, torch.Tensor]] = []
+    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """Outputs in order, ``streams`` batches at a time (so at most that many outputs wait to be used)."""
         for first in range(0, len(batches), len(self.requests)):
             group = list(zip(self.requests, batches[first : first + len(self.requests)]))
             if len(group) == 1:
-                outputs.append(self(group[0][1]))
+                yield self(group[0][1])
                 continue
             for request, batch in group:
                 request.start_async({0: _numpy_input(batch)})
             for request, _ in group:
                 request.wait()
-            outputs.extend(self._take(request, batch.device) for request, batch in group)
-        return outputs
+            yield from [self._take(request, batch.device) for request, batch in group]
 
     @staticmethod
     def _take(request: Any, device: torch.device) -> dict[str, torch.Tensor]:

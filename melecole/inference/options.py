@@ -62,11 +62,23 @@ def window_request(cfg: Any) -> WindowRequest:
         batch_size=int(cfg.INFERENCE.BATCH_SIZE),
         memory_budget=float(cfg.INFERENCE.MEMORY_BUDGET_GB) * 1e9,
         bytes_per_voxel=activation_bytes_per_voxel(
-            cfg.MODEL.FILTERS, cfg.MODEL.POOL_Z, cfg.MODEL.EMBEDDING_DIMENSION, len(offsets), variants
+            cfg.MODEL.FILTERS, cfg.MODEL.POOL_Z, cfg.MODEL.EMBEDDING_DIMENSION, len(offsets), variants,
+            concurrent=_concurrent_passes(cfg, variants),
         ),
         square_yx="t" in str(cfg.INFERENCE.TTA).lower(),
         output_bytes_per_voxel=4.0 * (len(offsets) + 1),
     )
+
+
+def _concurrent_passes(cfg: Any, variants: int) -> int:
+    """Forward passes one window may have in flight: the OpenVINO backend (or ``auto``, which picks it
+    on CPU) runs up to min(TTA variants, threads) variants at once; the other backends one."""
+    from melecole.utils.device import usable_cpu_count
+
+    if variants < 2 or str(cfg.INFERENCE.BACKEND) not in ("auto", "openvino"):
+        return 1
+    threads = int(cfg.HARDWARE.NUM_THREADS) or usable_cpu_count()
+    return max(1, min(variants, threads))
 
 
 def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:

@@ -112,21 +112,29 @@ class WindowPlan:
 
 
 def activation_bytes_per_voxel(
-    filters: Sequence[int], pool_z: Sequence[bool], embedding_dim: int, channels: int, variants: int = 1
+    filters: Sequence[int],
+    pool_z: Sequence[bool],
+    embedding_dim: int,
+    channels: int,
+    variants: int = 1,
+    concurrent: int = 1,
 ) -> float:
     """Estimated peak bytes per window voxel of a forward pass plus the window's affinities.
 
     float32: about 4 full-resolution feature maps of the first level, 3 per deeper level (skips and
     the block's working tensors, scaled by the level's downsampling), embeddings and foreground, and
-    the affinities twice (per variant and accumulated over TTA variants). Measured peak RSS on CPU
-    (bench/bench_predict.py --memory) lies below this for the shipped models.
+    the affinities twice (per variant and accumulated over TTA variants). ``concurrent`` forward
+    passes at once (the OpenVINO backend runs up to min(TTA variants, threads) variants together)
+    multiply the forward's part. Measured peak RSS on CPU (bench/bench_predict.py --memory) lies below
+    this for the shipped models.
     """
-    floats = 4.0 * filters[0] + 4.0
+    forward = 4.0 * filters[0] + 4.0
     scale = 1.0
     for level, channels_at_level in enumerate(filters[1:]):
         scale *= (2 if pool_z[level] else 1) * 4
-        floats += 3.0 * channels_at_level / scale
-    floats += 2.0 * (embedding_dim + 1) + 2.0 * channels * (2 if variants > 1 else 1)
+        forward += 3.0 * channels_at_level / scale
+    forward += 2.0 * (embedding_dim + 1)
+    floats = max(1, int(concurrent)) * forward + 2.0 * channels * (2 if variants > 1 else 1)
     return 4.0 * floats
 
 
