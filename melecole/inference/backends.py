@@ -28,7 +28,7 @@ import logging
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "BackendUnavailable",
     "build_backend",
     "check_backend",
+    "concurrent_passes",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -63,10 +64,6 @@ class Backend(Protocol):
     name: str
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterable[dict[str, torch.Tensor]]:
-        """The outputs of several batches in order (e.g. one per TTA variant), concurrently where it can."""
-        ...
 
 
 class TorchBackend:
@@ -100,9 +97,6 @@ class TorchBackend:
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         with self._autocast():
             return self.model(batch)
-
-    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        return (self(batch) for batch in batches)
 
 
 def _outputs(embedding: np.ndarray, foreground: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -139,9 +133,6 @@ class OnnxRuntimeBackend:
         embedding, foreground = self.session.run(None, {"raw": _numpy_input(batch)})
         return _outputs(embedding, foreground, batch.device)
 
-    def run_many(self, batches: Sequence[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        return (self(batch) for batch in batches)
-
 
 class OpenVinoBackend:
     """The model's ONNX compiled by OpenVINO for the CPU, float32 (see the module docstring).
@@ -167,11 +158,12 @@ class OpenVinoBackend:
     ) -> None:
         del batch_size, amp
         threads = _threads(threads)
-        streams = max(1, min(int(parallel), threads))
+        streams = concurrent_passes(self.name, parallel, threads)
         compiled = _cached(self.name, model, window, threads, _openvino_compiled, streams)
         # One infer request per stream and prediction: requests are not thread-safe, the compiled model is.
         self.requests = [compiled.create_infer_request() for _ in range(streams)]
-        self.streams = streams  # window_affinities hands this backend's run_many all TTA variants at once
+        # streams > 1: window_affinities hands run_many all TTA variants at once (other backends: one by one)
+        self.streams = streams
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         request = self.requests[0]
@@ -207,6 +199,15 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
 BACKEND_CHOICES = ("auto", *BACKENDS)
 # The package each backend imports (checked before any export).
 _PACKAGES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+def concurrent_passes(name: str, parallel: int, threads: int) -> int:
+    """Forward passes backend ``name`` runs at once for ``parallel`` inputs handed over together (the TTA
+    variants): OpenVINO, and ``auto`` (which picks it on CPU), min(parallel, threads); the others one.
+    The backend's streams and the planner's memory estimate both follow this rule."""
+    if name not in ("auto", "openvino"):
+        return 1
+    return max(1, min(int(parallel), int(threads)))
 
 
 def check_backend(name: str) -> str:

@@ -71,14 +71,11 @@ def window_request(cfg: Any) -> WindowRequest:
 
 
 def _concurrent_passes(cfg: Any, variants: int) -> int:
-    """Forward passes one window may have in flight: the OpenVINO backend (or ``auto``, which picks it
-    on CPU) runs up to min(TTA variants, threads) variants at once; the other backends one."""
+    """Forward passes one window may have in flight (:func:`melecole.inference.backends.concurrent_passes`)."""
+    from melecole.inference.backends import concurrent_passes
     from melecole.utils.device import usable_cpu_count
 
-    if variants < 2 or str(cfg.INFERENCE.BACKEND) not in ("auto", "openvino"):
-        return 1
-    threads = int(cfg.HARDWARE.NUM_THREADS) or usable_cpu_count()
-    return max(1, min(variants, threads))
+    return concurrent_passes(str(cfg.INFERENCE.BACKEND), variants, int(cfg.HARDWARE.NUM_THREADS) or usable_cpu_count())
 
 
 def resolve_windows(cfg: Any) -> tuple[list[int], list[int], list[int]]:

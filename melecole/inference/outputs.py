@@ -194,30 +194,27 @@ def matching_foreground(affinities_url: str) -> str | None:
     (INFERENCE.MWS_BACKGROUND). Anything else (another file name, another writer, a membrane file of
     another prediction) gives None.
     """
+    from melecole.io.checks import read_fingerprint
     from melecole.io.volumes import parse_volume_url
 
     try:
         url = parse_volume_url(affinities_url)
-    except Exception:  # noqa: BLE001 - not a URL this helper understands: no foreground to offer
+    except DataError:  # not a URL this helper understands: no foreground to offer
         return None
-    path = url.local_path if url.format == "hdf5" else None
     suffix = f"_{AFFINITIES_KEY}.hdf"
-    if path is None or url.key not in (None, AFFINITIES_KEY) or not path.name.endswith(suffix):
+    if url.format != "hdf5" or url.key not in (None, AFFINITIES_KEY) or not url.path.endswith(suffix):
         return None
-    sibling = path.with_name(path.name[: -len(suffix)] + f"_{MEMBRANES_KEY}.hdf")
-    if not sibling.is_file():
-        return None
-    try:
-        with open_hdf5(path) as first, open_hdf5(sibling) as second:
-            prints = [handle.attrs.get("fingerprint") for handle in (first, second)]
-            has_key = MEMBRANES_KEY in second
-    except (OSError, DataError):
-        return None
-    if not has_key or prints[0] is None or prints[0] != prints[1]:
+    path = Path(url.path)
+    sibling = output_paths(path.parent, path.name[: -len(suffix)])[MEMBRANES_KEY]
+    value = read_fingerprint(path)
+    if value is None or value != read_fingerprint(sibling):
         return None
     try:
-        if json.loads(prints[0]).get("format") != FINGERPRINT_FORMAT:
+        if json.loads(value).get("format") != FINGERPRINT_FORMAT:
             return None
-    except (TypeError, ValueError):
+        with open_hdf5(sibling) as handle:
+            if MEMBRANES_KEY not in handle:
+                return None
+    except (TypeError, ValueError, AttributeError, OSError, DataError):
         return None
     return f"{sibling}:{MEMBRANES_KEY}"
