@@ -102,6 +102,9 @@ _C.MODEL.NORM_GROUPS = 8
 _C.MODEL.ACTIVATION = "elu"
 # Anisotropic stem kernel (z, y, x).
 _C.MODEL.STEM_KERNEL = [1, 5, 5]
+# A third head, trained on local shape descriptors (LOSS.LSD_WEIGHT > 0, melecole.data.lsd); it is
+# computed in training only (an evaluating network returns embedding and foreground).
+_C.MODEL.LSD_HEAD = False
 
 # --------------------------------------------------------------------------------------------------
 # Loss: Lee et al. metric loss on the embedding + BCE on the foreground head
@@ -121,6 +124,11 @@ _C.LOSS.FOREGROUND_WEIGHT = 1.0  # weight of BCE(foreground head, label != 0)
 # of INFERENCE.OFFSETS, the ones the watershed reads, pushed to 1 (same id) / 0 (different ids),
 # class-balanced. 0 = the plain discriminative loss.
 _C.LOSS.AFFINITY_WEIGHT = 0.0
+# Weight of the auxiliary local-shape-descriptor term (Sheridan et al. 2022): mean squared error of
+# sigmoid(MODEL.LSD_HEAD) to the 10 descriptors of each labelled voxel, computed per augmented patch
+# by the loader over a box window of LSD_RADIUS (z, y, x) voxels. 0 = off; > 0 needs MODEL.LSD_HEAD.
+_C.LOSS.LSD_WEIGHT = 0.0
+_C.LOSS.LSD_RADIUS = [8, 8, 8]
 
 # --------------------------------------------------------------------------------------------------
 # Optimisation (iteration based)

@@ -68,6 +68,7 @@ _AT_LEAST = {
     "LOSS.GAMMA": 0,
     "LOSS.FOREGROUND_WEIGHT": 0,
     "LOSS.AFFINITY_WEIGHT": 0,
+    "LOSS.LSD_WEIGHT": 0,
     "OPTIM.MIN_LR": 0,
     "OPTIM.WEIGHT_DECAY": 0,
     "OPTIM.WARMUP_ITER": 0,
@@ -167,6 +168,11 @@ def _check_model(cfg: CN) -> None:
         raise ConfigError(
             f"MODEL.INPUT_SIZE {list(size)} must be divisible by {factors}, the downsampling of "
             "MODEL.FILTERS/MODEL.POOL_Z"
+        )
+    if bool(cfg.MODEL.LSD_HEAD) != (cfg.LOSS.LSD_WEIGHT > 0):
+        raise ConfigError(
+            f"MODEL.LSD_HEAD {cfg.MODEL.LSD_HEAD} and LOSS.LSD_WEIGHT {cfg.LOSS.LSD_WEIGHT} disagree: the "
+            "descriptor head needs LOSS.LSD_WEIGHT > 0 and the descriptor loss needs MODEL.LSD_HEAD true"
         )
     if cfg.MODEL.NORM == "group" and any(f % cfg.MODEL.NORM_GROUPS for f in filters):
         raise ConfigError(
@@ -349,7 +355,7 @@ def validate_cfg(cfg: CN) -> None:
     for key, minimum, allow_empty in (
         ("MODEL.INPUT_SIZE", 1, False), ("MODEL.STEM_KERNEL", 1, False), ("DATASET.PADDING", 0, False),
         ("INFERENCE.STRIDE", 1, True), ("INFERENCE.MARGIN", 0, False),
-        ("INFERENCE.MWS_STRIDES", 1, False),
+        ("INFERENCE.MWS_STRIDES", 1, False), ("LOSS.LSD_RADIUS", 1, False),
     ):
         _check_triplet(cfg, key, minimum, allow_empty)
     _check_model(cfg)

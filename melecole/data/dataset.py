@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from yacs.config import CfgNode
 
 from melecole.data.augment import Compose, build_augmentor
+from melecole.data.lsd import local_shape_descriptors
 from melecole.data.volume import Volume, list_volumes, read_volume
 from melecole.errors import DataError
 from melecole.io import normalize_raw
@@ -131,7 +132,8 @@ class TrainDataset(Dataset):
     :func:`relabel_components`).
 
     Returns per index ``{"raw": float32 (1, Z, Y, X) in [0, 1], "labels": int64 (Z, Y, X)}``, or only
-    ``raw`` for unlabelled volumes.
+    ``raw`` for unlabelled volumes; with ``lsd_radius`` also ``"lsd"``, float32 (10, Z, Y, X), the
+    local shape descriptors of the final labels (:func:`melecole.data.lsd.local_shape_descriptors`).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class TrainDataset(Dataset):
         min_object_size: int = 0,
         length: int = 2**62,
         boundary_width: int = 0,
+        lsd_radius: Sequence[int] | None = None,
     ) -> None:
         if not volumes:
             raise DataError("no volumes given to the training dataset")
@@ -166,6 +169,7 @@ class TrainDataset(Dataset):
         self.min_object_size = int(min_object_size)
         self.length = int(length)
         self.boundary_width = int(boundary_width)
+        self.lsd_radius = tuple(int(r) for r in lsd_radius) if lsd_radius else None
         sizes = np.array([v.num_voxels for v in self.volumes], dtype=np.float64)
         if sizes.sum() <= 0:
             raise DataError("all training volumes are empty")
@@ -214,6 +218,9 @@ class TrainDataset(Dataset):
         if labels is not None:
             labels = mask_boundaries(labels, self.boundary_width)
             sample["labels"] = torch.from_numpy(relabel_components(labels, self.min_object_size))
+            if self.lsd_radius is not None:
+                descriptors = local_shape_descriptors(sample["labels"].numpy(), self.lsd_radius)
+                sample["lsd"] = torch.from_numpy(descriptors)
         return sample
 
 
@@ -285,6 +292,7 @@ def build_train_loader(
         max_redraws=cfg.DATASET.MAX_REDRAWS,
         min_object_size=cfg.DATASET.MIN_OBJECT_SIZE,
         boundary_width=cfg.DATASET.BOUNDARY_WIDTH,
+        lsd_radius=cfg.LOSS.LSD_RADIUS if cfg.LOSS.LSD_WEIGHT > 0 and labeled else None,
     )
     batch_size = cfg.OPTIM.BATCH_SIZE
     num_workers = cfg.HARDWARE.NUM_WORKERS

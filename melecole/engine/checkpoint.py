@@ -31,7 +31,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "melecole-checkpoint-v1"
 # Parameters that belong to the task heads, not the backbone (not loaded by --ssl_checkpoint).
-HEAD_PREFIXES = ("embedding_head.", "foreground_head.")
+HEAD_PREFIXES = ("embedding_head.", "foreground_head.", "lsd_head.")
 
 
 def save_checkpoint(

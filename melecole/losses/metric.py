@@ -31,7 +31,7 @@ NormName = Literal["l1", "l2"]
 # about L2_EPS / (2 d), i.e. < 1e-7 for d > 0.005, and a zero distance reads sqrt(L2_EPS) = 1e-5.
 L2_EPS = 1e-10
 
-TERM_NAMES = ("pull", "push", "regularizer", "affinity", "metric", "foreground", "total")
+TERM_NAMES = ("pull", "push", "regularizer", "affinity", "metric", "foreground", "lsd", "total")
 
 
 def vector_norm(vectors: torch.Tensor, norm: str, dim: int = -1) -> torch.Tensor:
@@ -192,6 +192,11 @@ class MetricLoss(nn.Module):
         norm: l1 | l2 distance, for both hinges and the regulariser.
         foreground_weight: weight of BCE(foreground logits, labels != 0); 0 disables it (and the
             ``foreground`` output is then not needed).
+        affinity_weight: weight of :func:`affinity_loss_term` on ``offsets``.
+        lsd_weight: weight of the local-shape-descriptor term: mean over labelled voxels and the
+            channels of (sigmoid(``outputs["lsd"]``) - target)^2, the target being the loader's
+            ``batch["lsd"]`` (:mod:`melecole.data.lsd`). Counted only when both are given (an
+            evaluating network returns no ``"lsd"``: validation losses leave the term at 0).
 
     ``forward`` returns ``(total, terms)``. ``terms`` holds scalar tensors (not detached) "pull", "push",
     "regularizer" (unweighted, averaged over patches with >= 1 object), "metric" (the weighted sum of
@@ -210,6 +215,7 @@ class MetricLoss(nn.Module):
         foreground_weight: float = 1.0,
         affinity_weight: float = 0.0,
         offsets: Sequence[Sequence[int]] = (),
+        lsd_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if norm not in ("l1", "l2"):
@@ -222,15 +228,17 @@ class MetricLoss(nn.Module):
         self.norm = norm
         self.foreground_weight = float(foreground_weight)
         self.affinity_weight = float(affinity_weight)
+        self.lsd_weight = float(lsd_weight)
         self.offsets = [tuple(int(v) for v in offset) for offset in offsets]
         if self.affinity_weight > 0 and not self.offsets:
             raise ValueError("affinity_weight > 0 needs the affinity offsets (INFERENCE.OFFSETS)")
 
     def forward(
-        self, outputs: Dict[str, torch.Tensor], labels: torch.Tensor
+        self, outputs: Dict[str, torch.Tensor], labels: torch.Tensor, lsd_target: torch.Tensor | None = None
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """``outputs``: {"embedding": (B, E, Z, Y, X), "foreground": (B, 1, Z, Y, X) logits};
-        ``labels``: (B, Z, Y, X) integer ids (0 = boundary / unlabelled)."""
+        """``outputs``: {"embedding": (B, E, Z, Y, X), "foreground": (B, 1, Z, Y, X) logits, optionally
+        "lsd": (B, 10, Z, Y, X) logits}; ``labels``: (B, Z, Y, X) integer ids (0 = boundary /
+        unlabelled); ``lsd_target``: (B, 10, Z, Y, X) in [0, 1] or None."""
         embedding = outputs["embedding"]
         pull, push, regularizer, objects = metric_loss_terms(
             embedding, labels, self.delta_v, self.delta_d, self.norm
@@ -261,7 +269,8 @@ class MetricLoss(nn.Module):
             foreground = F.binary_cross_entropy_with_logits(logits, target)
         else:
             foreground = metric.new_zeros(())
-        total = metric + self.foreground_weight * foreground
+        lsd = self._lsd_term(outputs.get("lsd"), labels, lsd_target, metric)
+        total = metric + self.foreground_weight * foreground + self.lsd_weight * lsd
         terms = {
             "pull": pull_mean,
             "push": push_mean,
@@ -269,9 +278,22 @@ class MetricLoss(nn.Module):
             "affinity": affinity,
             "metric": metric,
             "foreground": foreground,
+            "lsd": lsd,
             "total": total,
         }
         return total, terms
+
+    def _lsd_term(
+        self, logits: torch.Tensor | None, labels: torch.Tensor, target: torch.Tensor | None, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Masked mean squared error of the descriptor head (0 when off or either side is missing)."""
+        if self.lsd_weight <= 0 or logits is None or target is None:
+            return like.new_zeros(())
+        if target.shape != logits.shape:
+            raise ValueError(f"lsd target shape {tuple(target.shape)} does not match the head's {tuple(logits.shape)}")
+        mask = (labels != 0).unsqueeze(1).to(logits.dtype)
+        error = (torch.sigmoid(logits.float()) - target.float()).pow(2) * mask
+        return error.sum() / (mask.sum() * logits.shape[1]).clamp(min=1.0)
 
 
 def build_metric_loss(cfg: CN) -> MetricLoss:
@@ -286,4 +308,5 @@ def build_metric_loss(cfg: CN) -> MetricLoss:
         foreground_weight=cfg.LOSS.FOREGROUND_WEIGHT,
         affinity_weight=cfg.LOSS.AFFINITY_WEIGHT,
         offsets=cfg.INFERENCE.OFFSETS,
+        lsd_weight=cfg.LOSS.LSD_WEIGHT,
     )

@@ -66,11 +66,12 @@ class MetricObjective:
         return []
 
     def __call__(self, model: nn.Module, batch: Batch, autocast: Autocast = contextlib.nullcontext) -> Tuple:
-        """``batch``: "raw" ``(B, 1, Z, Y, X)``, "labels" ``(B, Z, Y, X)``. Returns (loss, terms)."""
+        """``batch``: "raw" ``(B, 1, Z, Y, X)``, "labels" ``(B, Z, Y, X)``, with LOSS.LSD_WEIGHT > 0 "lsd"
+        ``(B, 10, Z, Y, X)``. Returns (loss, terms)."""
         with autocast():
             outputs = model(batch["raw"])
         outputs = {name: value.float() for name, value in outputs.items()}
-        return self.criterion(outputs, batch["labels"])
+        return self.criterion(outputs, batch["labels"], batch.get("lsd"))
 
     def state_dict(self) -> dict:
         """Checkpoint entries of this objective (none)."""
@@ -137,7 +138,7 @@ class ContrastiveObjective(MetricObjective):
             unused = sum(value.float().mean() for value in outputs.values())
             return contrastive + 0.0 * unused, terms
         supervised_outputs = {name: value[:labelled].float() for name, value in outputs.items()}
-        metric, metric_terms = self.criterion(supervised_outputs, batch["labels"])
+        metric, metric_terms = self.criterion(supervised_outputs, batch["labels"], batch.get("lsd"))
         return metric + self.weight * contrastive, {**metric_terms, "metric_loss": metric.detach(), **terms}
 
     def state_dict(self) -> dict:

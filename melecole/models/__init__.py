@@ -10,7 +10,7 @@ from yacs.config import CfgNode as CN
 
 from melecole.errors import ConfigError
 from melecole.models.moco import DenseMoCo, ProjectionHead
-from melecole.models.unet3d import UNet3D
+from melecole.models.unet3d import LSD_CHANNELS, UNet3D
 
 __all__ = ["MODEL_REGISTRY", "DenseMoCo", "ProjectionHead", "UNet3D", "build_dense_moco", "build_model"]
 
@@ -25,6 +25,7 @@ def _build_unet3d(cfg: CN) -> UNet3D:
         norm_groups=cfg.MODEL.NORM_GROUPS,
         activation=cfg.MODEL.ACTIVATION,
         stem_kernel=tuple(cfg.MODEL.STEM_KERNEL),
+        lsd_channels=LSD_CHANNELS if cfg.MODEL.LSD_HEAD else 0,
     )
 
 

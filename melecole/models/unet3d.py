@@ -28,6 +28,10 @@ from torch import nn
 from melecole.models.blocks import ConvNormAct, LevelBlock
 
 UpsampleMode = Literal["trilinear", "transpose"]
+
+# Channels of the local-shape-descriptor head (melecole.data.lsd computes its targets): size, mean
+# offset z / y / x, variance zz / yy / xx, covariance zy / zx / yx.
+LSD_CHANNELS = 10
 SkipMode = Literal["add", "concat"]
 
 
@@ -76,6 +80,8 @@ class UNet3D(nn.Module):
         stem_kernel: (z, y, x) kernel of the first conv, anisotropic for anisotropic EM.
         upsample: trilinear (+1x1x1 conv) or transpose (transposed conv).
         skip: add (skip + upsampled) or concat (channel concatenation).
+        lsd_channels: > 0 adds a 1x1x1 head ``"lsd"`` (logits of local shape descriptors, an
+            auxiliary training target) that only a network in training mode computes.
 
     Input ``(B, C, Z, Y, X)`` with Z divisible by 2**sum(pool_z) and Y, X by 2**(len(filters)-1);
     outputs have the same Z, Y, X.
@@ -93,6 +99,7 @@ class UNet3D(nn.Module):
         stem_kernel: Sequence[int] = (1, 5, 5),
         upsample: UpsampleMode = "trilinear",
         skip: SkipMode = "add",
+        lsd_channels: int = 0,
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
@@ -132,6 +139,7 @@ class UNet3D(nn.Module):
 
         self.embedding_head = nn.Conv3d(filters[0], self.embedding_dim, kernel_size=1)
         self.foreground_head = nn.Conv3d(filters[0], 1, kernel_size=1)
+        self.lsd_head = nn.Conv3d(filters[0], int(lsd_channels), kernel_size=1) if lsd_channels > 0 else None
         self._init_weights(activation)
 
     def _init_weights(self, activation: str) -> None:
@@ -146,7 +154,9 @@ class UNet3D(nn.Module):
                 if module.weight is not None:
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
-        for head in (self.embedding_head, self.foreground_head):
+        for head in (self.embedding_head, self.foreground_head, self.lsd_head):
+            if head is None:
+                continue
             nn.init.xavier_uniform_(head.weight)
             nn.init.zeros_(head.bias)
 
@@ -173,10 +183,13 @@ class UNet3D(nn.Module):
 
         ``return_features``: also ``"features"``, the decoder features ``(B, filters[0], Z, Y, X)``
         that the heads read (what a MoCo projection head attaches to), from the same single pass,
-        so a DDP-wrapped network is still called once per step.
+        so a DDP-wrapped network is still called once per step. In training mode a network with an
+        LSD head also returns ``"lsd"``, ``(B, LSD_CHANNELS, Z, Y, X)`` logits.
         """
         features = self.forward_features(x)
         outputs = {"embedding": self.embedding_head(features), "foreground": self.foreground_head(features)}
+        if self.lsd_head is not None and self.training:
+            outputs["lsd"] = self.lsd_head(features)
         if return_features:
             outputs["features"] = features
         return outputs
