@@ -13,6 +13,7 @@ from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
 from melecole.io.codec import decode_probabilities
 from melecole.segmentation.agglomeration import LookupTable, agglomerate
 from melecole.segmentation.fragments import block_fragments, global_fragment_ids
+from melecole.segmentation.postprocess import fill_heightmap
 from melecole.segmentation.region_graph import RegionGraph, block_region_graph, fragment_sizes, reduce_graphs
 from melecole.segmentation.relabel import relabel_block
 
@@ -127,5 +128,16 @@ def segment_blockwise_in_memory(
     segmentation = np.zeros(shape, dtype=np.uint64)
     for index in range(plan.num_blocks):
         outer, inner = plan.padded(index, options.fill_halo if fill else (0, 0, 0))
-        segmentation[plan.box(index)] = relabel_block(fragments[outer], table, inner, fill=fill)
+        block_foreground = foreground[outer] if foreground is not None and fill else None
+        heightmap = block_fill_heightmap(block_foreground, options)
+        segmentation[plan.box(index)] = relabel_block(fragments[outer], table, inner, fill=fill, heightmap=heightmap)
     return segmentation, table
+
+
+def block_fill_heightmap(foreground: np.ndarray | None, options: BlockwiseOptions) -> np.ndarray | None:
+    """The fill's height map of a padded block from its stored foreground (float or uint8), or None."""
+    if foreground is None or options.segmentation.fill_mode == "nearest":
+        return None
+    if foreground.dtype == np.uint8:
+        foreground = decode_probabilities(foreground)
+    return fill_heightmap(foreground, options.segmentation.fill_mode)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from melecole.blockwise.plan import BlockPlan, BlockwiseOptions
-from melecole.blockwise.segment import agglomerate_blocks, fragments_of_block, graph_of_block
+from melecole.blockwise.segment import agglomerate_blocks, block_fill_heightmap, fragments_of_block, graph_of_block
 from melecole.errors import DataError, MeLeCoLeError
 from melecole.io import ensure_work_array as io_ensure_work_array
 from melecole.io import format_modules, open_work_array
@@ -425,7 +425,8 @@ def _lookup(path: str, modified: float) -> LookupTable:
 
 
 def relabel_task(job: BlockwiseJob, index: int) -> int:
-    """Segment ids of block ``index`` (background filled within the fill halo) -> segmentation.zarr."""
+    """Segment ids of block ``index`` (background filled within the fill halo, by a watershed on the
+    block's foreground with INFERENCE.FILL_MODE watershed) -> segmentation.zarr."""
     plan = job.plan
     fill = job.options.segmentation.fill_background
     outer, inner = plan.padded(index, job.options.fill_halo if fill else (0, 0, 0))
@@ -436,7 +437,11 @@ def relabel_task(job: BlockwiseJob, index: int) -> int:
         raise _damaged(lookup_path, error) from error
     table = _lookup(str(lookup_path), modified)
     fragments = _read_work_array(job.path / "fragments.zarr", outer)
-    labels = relabel_block(fragments, table, inner, fill=fill)
+    heightmap = None
+    if fill and job.foreground_url and job.options.segmentation.fill_mode == "watershed":
+        foreground = _read_input(job.foreground_url, tuple(outer), index, plan.box(index), outer)
+        heightmap = block_fill_heightmap(foreground, job.options)
+    labels = relabel_block(fragments, table, inner, fill=fill, heightmap=heightmap)
     _write_work_array(job.output_path, plan.box(index), labels)
     mark_done(job, "relabel", index)
     return int(labels.size)

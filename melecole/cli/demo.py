@@ -34,17 +34,18 @@ BASELINE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def score_volume(segmentation_file: Path, membranes_file: Path, gt: np.ndarray, cfg) -> dict[str, dict]:
     """Scores of the MWS segmentation and of the best connected-components baseline; the baseline
-    gets the same post-processing as the watershed (INFERENCE.MIN_SEGMENT_SIZE, FILL_BACKGROUND)."""
+    gets the same post-processing as the watershed (INFERENCE.MIN_SEGMENT_SIZE, FILL_BACKGROUND, FILL_MODE)."""
     from melecole.evaluation import best_threshold_baseline, evaluate_segmentation
     from melecole.inference.outputs import MEMBRANES_KEY, SEGMENTATION_KEY
     from melecole.io import open_hdf5_volume
-    from melecole.segmentation.postprocess import postprocess_segmentation
+    from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 
     segmentation = open_hdf5_volume(segmentation_file, SEGMENTATION_KEY).read()
     foreground = open_hdf5_volume(membranes_file, MEMBRANES_KEY).read().astype(np.float32)
     rows = {"embeddings + MWS": evaluate_segmentation(segmentation, gt, top_k=0).to_dict()}
     postprocess = functools.partial(
-        postprocess_segmentation, min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=cfg.INFERENCE.FILL_BACKGROUND
+        postprocess_segmentation, min_size=cfg.INFERENCE.MIN_SEGMENT_SIZE, fill=cfg.INFERENCE.FILL_BACKGROUND,
+        heightmap=fill_heightmap(foreground, cfg.INFERENCE.FILL_MODE),
     )
     best = best_threshold_baseline(foreground, gt, BASELINE_THRESHOLDS, postprocess=postprocess)
     rows[f"CC baseline (best t={best.threshold})"] = {**best.scores.to_dict(), "threshold": best.threshold}

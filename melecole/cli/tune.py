@@ -36,6 +36,7 @@ from melecole.io.codec import decode_probabilities
 from melecole.io.volumes import open_volume
 from melecole.segmentation.agglomeration import AGGLOMERATION_MODES
 from melecole.segmentation.fragments import FRAGMENT_ALGORITHMS
+from melecole.segmentation.postprocess import fill_heightmap
 from melecole.segmentation.tuning import (
     BackgroundFill,
     TuningPoint,
@@ -171,7 +172,8 @@ def volume_problem(
     labels, graph, ids, sizes = volume_fragments(_weights(affinities, options), foreground, options,
                                                  options.background)
     whole = tuple(slice(0, s) for s in labels.shape)
-    fill = BackgroundFill(labels, gt, [(whole, whole)]) if options.fill_background else None
+    heightmap = fill_heightmap(foreground, options.fill_mode)
+    fill = BackgroundFill(labels, gt, [(whole, whole)], heightmap=heightmap) if options.fill_background else None
     problem = TuningProblem(graph, ids, sizes, overlap_table(labels, gt), options.min_segment_size, fill)
     return problem, options
 
@@ -194,7 +196,8 @@ def blockwise_problem(
     segmentation = options.segmentation
     fill = None
     if segmentation.fill_background:
-        fill = BackgroundFill(fragments, gt, [plan.padded(i, options.fill_halo) for i in range(plan.num_blocks)])
+        boxes = [plan.padded(i, options.fill_halo) for i in range(plan.num_blocks)]
+        fill = BackgroundFill(fragments, gt, boxes, heightmap=fill_heightmap(foreground, segmentation.fill_mode))
     problem = TuningProblem(
         reduce_graphs(graphs), np.concatenate(ids), np.concatenate(sizes), sum_overlaps(tables),
         segmentation.min_segment_size, fill,

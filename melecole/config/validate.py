@@ -49,6 +49,7 @@ _CHOICES = {
     "MOCO.PROJECTION_INPUT": ("features", "embedding"),
     "INFERENCE.BLENDING": ("gaussian", "bump", "constant"),
     "INFERENCE.BACKEND": ("auto", "torch", "onnxruntime", "openvino"),
+    "INFERENCE.FILL_MODE": ("watershed", "nearest"),
     "INFERENCE.AGGLOMERATION": ("none", "mws", "mean", "gasp_average", "gasp_signed", "mala_median", "multicut"),
     "LOG.PROGRESS_BAR": PROGRESS_CHOICES,
 }

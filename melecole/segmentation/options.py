@@ -32,7 +32,9 @@ class SegmentationOptions:
         strides: mutex-edge strides (z, y, x) of the voxel MWS (INFERENCE.MWS_STRIDES).
         randomized: random instead of regular strides (whole volume only).
         min_segment_size: segments with fewer voxels become 0 (INFERENCE.MIN_SEGMENT_SIZE).
-        fill_background: voxels left at 0 take the nearest segment's label (INFERENCE.FILL_BACKGROUND).
+        fill_background: voxels left at 0 get a segment (INFERENCE.FILL_BACKGROUND).
+        fill_mode: how (INFERENCE.FILL_MODE): ``watershed`` (the segments flood 1 - foreground; without
+            a foreground map the same as ``nearest``) or ``nearest`` (nearest segment).
         fragments: a name of :data:`FRAGMENT_ALGORITHMS` (blocks; whole volumes use the voxel MWS).
         fragment_params: that algorithm's own settings, read from its config keys.
         min_fragment_size: fragments with fewer voxels (in block + halo) become background before the
@@ -47,6 +49,7 @@ class SegmentationOptions:
     randomized: bool = False
     min_segment_size: int = 0
     fill_background: bool = False
+    fill_mode: str = "watershed"
     fragments: str = "mws"
     fragment_params: tuple[tuple[str, Any], ...] = ()
     min_fragment_size: int = 0
@@ -82,6 +85,7 @@ class SegmentationOptions:
             "randomized_strides": self.randomized,
             "min_segment_size": self.min_segment_size,
             "fill_background": self.fill_background,
+            "fill_mode": self.fill_mode,
             "agglomeration": self.agglomeration,
             "agglomeration_threshold": self.agglomeration_threshold,
         }
@@ -141,6 +145,7 @@ def build_segmentation_options(
         randomized=bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
         min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),
         fill_background=bool(cfg.INFERENCE.FILL_BACKGROUND),
+        fill_mode=str(cfg.INFERENCE.FILL_MODE),
     )
     if schedule == "volume":
         return SegmentationOptions(

@@ -1,9 +1,10 @@
 """Relabel one block through the lookup table, then fill its background (numpy in, numpy out).
 
 Background fill (INFERENCE.FILL_BACKGROUND) is done blockwise: a block is read with ``fill_halo``
-context, voxels at 0 take the label of the nearest labelled voxel inside that padded box, and the
-block is cropped. This equals the whole-volume fill wherever the nearest segment lies within the
-fill halo; voxels farther than that from every segment keep 0.
+context, voxels at 0 get a segment inside that padded box (a watershed of the segments on the
+box's height map 1 - foreground, or the nearest labelled voxel; INFERENCE.FILL_MODE), and the block
+is cropped. This equals the whole-volume fill wherever the segment that fills a voxel reaches it
+inside the fill halo; voxels farther than that from every segment keep 0.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ __all__ = ["relabel_block"]
 
 
 def relabel_block(
-    fragments: np.ndarray, table: LookupTable, inner: Sequence[slice], *, fill: bool = True
+    fragments: np.ndarray,
+    table: LookupTable,
+    inner: Sequence[slice],
+    *,
+    fill: bool = True,
+    heightmap: np.ndarray | None = None,
 ) -> np.ndarray:
     """Segment ids of one block.
 
@@ -27,7 +33,8 @@ def relabel_block(
         fragments: (Z, Y, X) global fragment ids of the block plus its fill halo.
         table: fragment -> segment lookup (0 for dropped segments).
         inner: the block's slices inside ``fragments``.
-        fill: give voxels at 0 the nearest segment's label (within the padded box).
+        fill: give voxels at 0 a segment (within the padded box).
+        heightmap: the fill's height map over ``fragments``' box (watershed fill), or None (nearest).
 
     Returns:
         uint64 (z, y, x) segmentation of the block.
@@ -38,5 +45,5 @@ def relabel_block(
     if fill:
         block = labels[tuple(inner)]
         # Filling only changes voxels at 0: a block without any needs no distance transform.
-        labels = block if block.all() else fill_background(labels)[tuple(inner)]
+        labels = block if block.all() else fill_background(labels, heightmap=heightmap)[tuple(inner)]
     return np.ascontiguousarray(labels)

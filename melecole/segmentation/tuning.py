@@ -127,7 +127,9 @@ class BackgroundFill:
     Which voxel a 0 voxel copies its label from depends only on which voxels are 0 (the background and
     the fragments of dropped segments), so it is computed once per distinct set of dropped fragments
     (with the pipeline's :func:`melecole.segmentation.postprocess.fill_background` on voxel positions)
-    and cached; each setting then gathers the segments of those source voxels.
+    and cached; each setting then gathers the segments of those source voxels. This holds for the
+    watershed fill too: its flooding order depends on the heights and on which voxels are seeds, not
+    on their labels, so the voxel whose label a flooded voxel carries is the same whatever the merge.
 
     Args:
         fragments: (Z, Y, X) fragment ids of the whole volume (0 = background).
@@ -136,14 +138,24 @@ class BackgroundFill:
             inside ``outer``). The whole volume: one box; blocks: each block with its fill halo
             (``BlockPlan.padded(index, fill_halo)``), as :func:`melecole.segmentation.relabel.relabel_block` fills.
         cache_size: sets of dropped fragments whose sources are kept.
+        heightmap: the watershed fill's (Z, Y, X) height map of the whole volume
+            (:func:`melecole.segmentation.postprocess.fill_heightmap`), or None (nearest fill).
     """
 
-    def __init__(self, fragments: np.ndarray, gt: np.ndarray, boxes: Sequence[tuple[Box, Box]], cache_size: int = 32):
+    def __init__(
+        self,
+        fragments: np.ndarray,
+        gt: np.ndarray,
+        boxes: Sequence[tuple[Box, Box]],
+        cache_size: int = 32,
+        heightmap: np.ndarray | None = None,
+    ):
         self.ids = fastremap.unique(np.asarray(fragments)).astype(np.uint64)
         self.index = np.searchsorted(self.ids, fragments).astype(np.int32 if len(self.ids) < 2**31 else np.int64)
         self.gt = np.asarray(gt)
         self.boxes = [(tuple(outer), tuple(inner)) for outer, inner in boxes]
         self.cache_size = cache_size
+        self.heightmap = heightmap
         self._cache: dict[bytes, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     def _sources(self, segment_of: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -163,7 +175,8 @@ class BackgroundFill:
             # copies from the same voxel as it does in the pipeline.
             positions = np.arange(1, dense.size + 1, dtype=np.int64).reshape(dense.shape)
             positions[zero] = 0
-            source = fill_background(positions)[inner][inner_zero] - 1
+            heightmap = self.heightmap[outer] if self.heightmap is not None else None
+            source = fill_background(positions, heightmap=heightmap)[inner][inner_zero] - 1
             gt = self.gt[outer][inner][inner_zero]
             labelled = gt != 0
             source = source[labelled]

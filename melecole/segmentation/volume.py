@@ -10,7 +10,7 @@ import numpy as np
 from melecole.segmentation.agglomeration import agglomerate
 from melecole.segmentation.mws import mutex_watershed
 from melecole.segmentation.options import SegmentationOptions
-from melecole.segmentation.postprocess import postprocess_segmentation
+from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 from melecole.segmentation.region_graph import block_region_graph, fragment_sizes
 
 __all__ = ["agglomerate_segments", "segment_volume"]
@@ -41,7 +41,8 @@ def segment_volume(
     weights: np.ndarray, foreground: np.ndarray | None, options: SegmentationOptions, background: float
 ) -> np.ndarray:
     """Mutex watershed of a whole volume at foreground threshold ``background``, then (if
-    ``options.agglomeration`` is not ``none``) agglomeration, size filter and background fill.
+    ``options.agglomeration`` is not ``none``) agglomeration, size filter and background fill (a
+    watershed on 1 - ``foreground`` with ``options.fill_mode`` watershed).
 
     Args:
         weights: float32 (C, Z, Y, X) mutex-watershed edge weights (:func:`melecole.segmentation.mws.mws_weights`).
@@ -59,4 +60,7 @@ def segment_volume(
     )
     if options.agglomeration != "none":
         labels = agglomerate_segments(labels, weights, options)
-    return postprocess_segmentation(labels, min_size=options.min_segment_size, fill=options.fill_background)
+    heightmap = fill_heightmap(foreground, options.fill_mode) if options.fill_background else None
+    return postprocess_segmentation(
+        labels, min_size=options.min_segment_size, fill=options.fill_background, heightmap=heightmap
+    )

@@ -124,7 +124,7 @@ def test_killed_driver_then_resume_gives_identical_result(tmp_path, tiny_volume,
 
 
 @pytest.mark.slow
-def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, reference, capsys):
+def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, blockwise_cfg, capsys):
     output = tmp_path / "seg.zarr"
     argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--foreground", f"{tiny_volume['path']}:foreground"]
     code = main([*argv, "--output", f"{output}:seg", "--block", "8", "16", "16", "--workers", "1",
@@ -135,7 +135,11 @@ def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, reference, cap
         assert f"\n{name}: " in out
     volume = open_volume(f"{output}:seg")
     assert volume.dtype == np.uint64 and volume.chunks == (8, 16, 16)
-    np.testing.assert_array_equal(volume.read(), reference)  # foreground of ones changes nothing
+    # A foreground of ones masks nothing; the dropped small segments are filled by the watershed on
+    # its (flat) height map, as the in-memory run does with the same foreground.
+    ones = np.ones(tiny_volume["labels"].shape, np.float32)
+    expected, _ = segment_blockwise_in_memory(tiny_volume["affinities"], build_options(blockwise_cfg), ones)
+    np.testing.assert_array_equal(volume.read(), expected)
 
 
 def test_worker_environment_keeps_glibc_thresholds_unless_configured():
@@ -205,3 +209,31 @@ def test_bad_input_is_one_line_exit_2(tmp_path, tiny_volume, capsys, case, expec
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and "\n" not in err and expected in err, err
+
+
+def test_watershed_fill_reads_the_foreground_of_each_block(tmp_path, tiny_volume, blockwise_cfg):
+    """Blocks on files (the relabel task reads the foreground with the fill halo) equal the in-memory
+    run with the same foreground, and the watershed fill is not the nearest fill there."""
+    import h5py
+    from scipy import ndimage
+
+    labels = tiny_volume["labels"]
+    edges = ndimage.morphological_gradient(labels, size=(1, 3, 3)) > 0
+    distance = ndimage.distance_transform_edt(~edges)
+    foreground = np.clip(distance / 4.0, 0, 1).astype(np.float32)  # 0 on the boundaries, 1 inside
+    path = tmp_path / "fg.hdf"
+    with h5py.File(path, "w") as handle:
+        handle["foreground"] = foreground
+    cfg = blockwise_cfg.clone()
+    cfg.INFERENCE.MWS_BACKGROUND = 0.9
+    output = str(tmp_path / "seg.zarr")
+    segment_blockwise(
+        f"{tiny_volume['path']}:affinities", output, build_options(cfg), foreground_url=f"{path}:foreground",
+        executor=SerialExecutor(), progress=False, report=lambda line: None,
+    )
+    expected, _ = segment_blockwise_in_memory(tiny_volume["affinities"], build_options(cfg), foreground)
+    np.testing.assert_array_equal(_read(output), expected)
+    cfg.INFERENCE.FILL_MODE = "nearest"
+    nearest, _ = segment_blockwise_in_memory(tiny_volume["affinities"], build_options(cfg), foreground)
+    assert 0 not in expected and 0 not in nearest
+    assert np.count_nonzero(nearest != expected) > 100

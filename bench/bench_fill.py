@@ -1,0 +1,108 @@
+"""Background fill and the settings around it, on stored infer.py outputs of trained models.
+
+Run: ``python bench/bench_fill.py --model NAME CONFIG RESULTS GT [--model ...] [--backgrounds 0.95 0.98 0.99]
+[--min-sizes 20 100 300 1000] [--fills watershed nearest]``
+
+Each ``--model`` is a name (``SET:SEED``, e.g. ``medulla:0``: the part before ``:`` groups the models of
+one val set), the config the model was evaluated with, the ``infer.py`` results folder holding
+``val_affinities.hdf`` and ``val_membranes.hdf``, and the ground truth. For every background threshold
+the voxel mutex watershed and the config's agglomeration run once; then every (minimum segment size,
+fill) is post-processed and scored (VI split / merge / total in bits, ARAND), as ``infer.py`` would
+segment with INFERENCE.MWS_BACKGROUND, MIN_SEGMENT_SIZE and FILL_MODE set so. Printed: one row per
+setting and model, then per setting the mean VI of each set over its models, the mean of those set
+means (the joint objective: each val set counts once, whatever its number of seeds), and the mean ARAND
+per set; the setting with the lowest joint VI is marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from melecole.config import load_cfg
+from melecole.evaluation.metrics import evaluate_segmentation
+from melecole.segmentation.mws import mutex_watershed, mws_weights
+from melecole.segmentation.options import build_segmentation_options
+from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
+from melecole.segmentation.volume import agglomerate_segments
+
+
+def _read(path: Path, key: str) -> np.ndarray:
+    with h5py.File(path, "r") as handle:
+        return handle[key][:]
+
+
+def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argparse.Namespace) -> list[dict]:
+    """Scores of every (background, min size, fill) for one model's stored outputs."""
+    cfg = load_cfg(config)
+    options = build_segmentation_options(cfg, "volume")
+    affinities = _read(results / "val_affinities.hdf", "affinities").astype(np.float32)
+    foreground = _read(results / "val_membranes.hdf", "membranes").astype(np.float32)
+    gt = _read(Path(gt_path), cfg.DATASET.LABEL_KEY)
+    weights = mws_weights(affinities, options.num_attractive, in_place=True)
+    rows = []
+    for background in args.backgrounds:
+        labels = mutex_watershed(
+            weights, options.offsets, foreground=foreground, background_threshold=background,
+            strides=options.strides, weights_ready=True,
+        )
+        if options.agglomeration != "none":
+            labels = agglomerate_segments(labels, weights, dataclasses.replace(options, background=background))
+        for min_size in args.min_sizes:
+            for fill in args.fills:
+                segmentation = postprocess_segmentation(
+                    labels, min_size=min_size, fill=True, heightmap=fill_heightmap(foreground, fill)
+                )
+                scores = evaluate_segmentation(segmentation, gt, top_k=0)
+                row = {"model": name, "background": background, "min_size": min_size, "fill": fill,
+                       "split": scores.vi_split, "merge": scores.vi_merge, "vi": scores.vi_total, "arand": scores.arand}
+                print(f"{name:<12} {background:>6} {min_size:>6} {fill:<10} {row['split']:8.4f} {row['merge']:8.4f} "
+                      f"{row['vi']:8.4f} {row['arand']:7.4f}", flush=True)
+                rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> None:
+    """Per setting: mean VI per set, the joint mean of set means, mean ARAND per set."""
+    by_setting: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        by_setting[(row["fill"], row["background"], row["min_size"])][row["model"].split(":")[0]].append(row)
+    sets = sorted({row["model"].split(":")[0] for row in rows})
+    joint = {}
+    for setting, per_set in by_setting.items():
+        joint[setting] = statistics.mean(statistics.mean(r["vi"] for r in per_set[s]) for s in sets)
+    best = min(joint, key=joint.get)
+    print(f"\n| fill | background | min size | {' | '.join(f'{s} VI (mean, n)' for s in sets)} | joint VI | "
+          f"{' | '.join(f'{s} ARAND' for s in sets)} |")
+    print("|---|---:|---:|" + "---:|" * (2 * len(sets) + 1))
+    for setting in sorted(by_setting):
+        per_set = by_setting[setting]
+        vis = [f"{statistics.mean(r['vi'] for r in per_set[s]):.3f} ({len(per_set[s])})" for s in sets]
+        arands = [f"{statistics.mean(r['arand'] for r in per_set[s]):.3f}" for s in sets]
+        mark = " **best**" if setting == best else ""
+        print(f"| {setting[0]} | {setting[1]} | {setting[2]} | {' | '.join(vis)} | {joint[setting]:.3f}{mark} | "
+              f"{' | '.join(arands)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs=4, action="append", required=True, metavar=("NAME", "CONFIG", "RESULTS", "GT"))
+    parser.add_argument("--backgrounds", nargs="+", type=float, default=[0.95, 0.98, 0.99])
+    parser.add_argument("--min-sizes", nargs="+", type=int, default=[20, 100, 300, 1000])
+    parser.add_argument("--fills", nargs="+", default=["watershed", "nearest"])
+    args = parser.parse_args()
+    print(f"{'model':<12} {'bg':>6} {'min':>6} {'fill':<10} {'split':>8} {'merge':>8} {'VI':>8} {'ARAND':>7}")
+    rows = []
+    for name, config, results, gt in args.model:
+        rows += sweep_model(name, config, Path(results), gt, args)
+    summary(rows)
+
+
+if __name__ == "__main__":
+    main()
