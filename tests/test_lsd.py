@@ -126,3 +126,21 @@ def test_head_and_loss_must_agree(opts):
 def test_bad_radius_key_is_a_config_error():
     with pytest.raises(ConfigError, match=r"LOSS.LSD_RADIUS: got \[8, 0, 8\], expected 3 integers >= 1"):
         _lsd_cfg("LOSS.LSD_RADIUS", "[8, 0, 8]")
+
+
+def test_checkpoint_with_the_head_evaluates_under_a_config_without_it(tmp_path):
+    from melecole.engine.checkpoint import build_model_from_checkpoint, save_checkpoint
+
+    cfg = _lsd_cfg()
+    model = build_model(cfg)
+    path = tmp_path / "lsd.pt"
+    save_checkpoint(path, model=model, cfg=cfg, iteration=1)
+    plain_cfg = load_cfg("configs/synthetic-UNet3D.yaml")
+    evaluated, _, _ = build_model_from_checkpoint(path, plain_cfg)
+    assert evaluated.lsd_head is None
+    raw = torch.rand(1, 1, 16, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(raw)
+        got = evaluated(raw)
+    torch.testing.assert_close(got["embedding"], expected["embedding"])
+    torch.testing.assert_close(got["foreground"], expected["foreground"])

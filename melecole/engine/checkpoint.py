@@ -162,6 +162,11 @@ def build_model_from_checkpoint(
     else:
         cfg = checkpoint_cfg(checkpoint)
     model = build_model(cfg)
+    if getattr(model, "lsd_head", None) is None:
+        # The descriptor head is trained, never read by inference: a config without it may evaluate a
+        # checkpoint that has one.
+        state = {k: v for k, v in checkpoint["model"].items() if not k.removeprefix("module.").startswith("lsd_head.")}
+        checkpoint = {**checkpoint, "model": state}
     load_model_weights(model, checkpoint)
     model.to(device).eval()
     return model, cfg, checkpoint
