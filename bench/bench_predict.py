@@ -48,6 +48,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "auto-x": {**AUTO, "OVERLAP": [], "TTA": "x"},
     "auto-yx": {**AUTO, "OVERLAP": [], "TTA": "yx"},
     "auto-zyx": {**AUTO, "OVERLAP": [], "TTA": "zyx"},
+    # A larger memory budget: fewer, larger windows on volumes bigger than one window.
+    "auto-x-4g": {**AUTO, "OVERLAP": [], "TTA": "x", "MEMORY_BUDGET_GB": 4.0},
     # Several windows per volume (a small budget), to see the overlap / margin matter.
     "small-min": {**AUTO, "OVERLAP": [0, 0, 0], "MEMORY_BUDGET_GB": 0.15, "TTA": "none"},
     "small-4x16": {**AUTO, "OVERLAP": [4, 16, 16], "MEMORY_BUDGET_GB": 0.15, "TTA": "none"},
