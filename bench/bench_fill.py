@@ -42,10 +42,12 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     """Scores of every (background, min size, fill) for one model's stored outputs."""
     cfg = load_cfg(config)
     options = build_segmentation_options(cfg, "volume")
-    affinities = _read(results / "val_affinities.hdf", "affinities").astype(np.float32)
+    # The weights from the stored float16 values exactly as infer.py's and melecole-tune's reruns compute
+    # them (1 - a rounded in float16): the mutex watershed's ties depend on that rounding.
+    affinities = _read(results / "val_affinities.hdf", "affinities")
     foreground = _read(results / "val_membranes.hdf", "membranes").astype(np.float32)
     gt = _read(Path(gt_path), cfg.DATASET.LABEL_KEY)
-    weights = mws_weights(affinities, options.num_attractive, in_place=True)
+    weights = mws_weights(affinities, options.num_attractive)
     rows = []
     for background in args.backgrounds:
         labels = mutex_watershed(
