@@ -25,6 +25,7 @@ from melecole.blockwise.runner import (
 )
 from melecole.blockwise.segment import segment_blockwise_in_memory
 from melecole.cli.blockwise import main
+from melecole.config import load_cfg
 from melecole.io.volumes import open_volume, parse_volume_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -124,7 +125,7 @@ def test_killed_driver_then_resume_gives_identical_result(tmp_path, tiny_volume,
 
 
 @pytest.mark.slow
-def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, blockwise_cfg, capsys):
+def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, capsys):
     output = tmp_path / "seg.zarr"
     argv = ["--affinities", f"{tiny_volume['path']}:affinities", "--foreground", f"{tiny_volume['path']}:foreground"]
     code = main([*argv, "--output", f"{output}:seg", "--block", "8", "16", "16", "--workers", "1",
@@ -135,10 +136,11 @@ def test_cli_one_worker_equals_two_workers(tmp_path, tiny_volume, blockwise_cfg,
         assert f"\n{name}: " in out
     volume = open_volume(f"{output}:seg")
     assert volume.dtype == np.uint64 and volume.chunks == (8, 16, 16)
-    # A foreground of ones masks nothing; the dropped small segments are filled by the watershed on
-    # its (flat) height map, as the in-memory run does with the same foreground.
+    # The in-memory reference runs the same config (its background fill included) on the same foreground.
+    cfg = load_cfg(CONFIG, OPTS)
+    options = build_options(cfg, block_shape=(8, 16, 16))
     ones = np.ones(tiny_volume["labels"].shape, np.float32)
-    expected, _ = segment_blockwise_in_memory(tiny_volume["affinities"], build_options(blockwise_cfg), ones)
+    expected, _ = segment_blockwise_in_memory(tiny_volume["affinities"], options, ones)
     np.testing.assert_array_equal(volume.read(), expected)
 
 
