@@ -42,10 +42,16 @@ def _predict(model: UNet3D, backend: str) -> tuple[np.ndarray, np.ndarray]:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # openvino: one request reused per variant / two streams
 @pytest.mark.parametrize("name", [name for name in ("onnxruntime", "openvino") if name in INSTALLED])
-def test_backend_affinities_match_torch(model: UNet3D, name: str) -> None:
+def test_backend_affinities_match_torch(model: UNet3D, name: str, threads: int) -> None:
     expected_affinities, expected_foreground = _predict(model, "torch")
-    affinities, foreground = _predict(model, name)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        affinities, foreground = _predict(model, name)
+    finally:
+        torch.set_num_threads(previous)
     assert affinities.shape == expected_affinities.shape == (4, 12, 28, 24)
     assert np.abs(expected_affinities).max() > 0.1  # a real, non-constant prediction
     np.testing.assert_allclose(affinities, expected_affinities, atol=1e-4, rtol=0)
@@ -133,26 +139,27 @@ def test_openvino_runs_tta_variants_concurrently_with_the_same_outputs(model: UN
     concurrent = build_backend("openvino", model, WINDOW, threads=2, parallel=4)
     assert (sequential.streams, concurrent.streams) == (1, 2)  # streams = min(parallel, threads)
     assert build_backend("openvino", model, WINDOW, threads=1, parallel=4).streams == 1
-    outputs = list(concurrent.run_many(batches))  # groups of 2 requests, then 1
-    assert len(outputs) == 3
-    for batch, output in zip(batches, outputs):
+    outputs, kept = [], []
+    for batch, output in zip(batches, concurrent.run_many(batches), strict=True):  # groups of 2 requests, then 1
         expected = sequential(batch)
         for key in ("embedding", "foreground"):
             torch.testing.assert_close(output[key], expected[key], atol=1e-5, rtol=0)
-    assert not torch.equal(outputs[0]["embedding"], outputs[1]["embedding"])  # each request kept its own output
+        outputs.append(output)
+        kept.append(output["embedding"].clone())
+    assert not torch.equal(kept[0], kept[1])  # each request of a group has its own output
+    # The outputs are borrowed, not copied: the third batch ran on the first request and overwrote its buffers.
+    assert torch.equal(outputs[0]["embedding"], kept[2]) and not torch.equal(kept[0], kept[2])
 
 
-def test_window_affinities_hands_all_variants_to_a_concurrent_backend(model: UNet3D) -> None:
+def test_window_affinities_hands_all_variants_to_run_many(model: UNet3D) -> None:
     from melecole.inference.tta import window_affinities
 
     class Concurrent:
-        streams = 2
-
         def __init__(self) -> None:
             self.calls: list[int] = []
 
         def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-            raise AssertionError("a concurrent backend gets every variant through run_many")
+            raise AssertionError("a backend with run_many gets every variant through it")
 
         def run_many(self, batches):
             self.calls.append(len(batches))

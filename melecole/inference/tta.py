@@ -122,7 +122,7 @@ def window_affinities(
     for variant in variants:
         if variant.transpose and batch.shape[-1] != batch.shape[-2]:
             raise ValueError(f"TTA variant {variant.name!r} needs windows with y == x, got {tuple(batch.shape[-3:])}")
-    if len(variants) > 1 and getattr(forward, "streams", 1) > 1:  # a backend that runs them concurrently
+    if hasattr(forward, "run_many"):  # openvino: concurrent variants, outputs borrowed until the next one
         outputs = forward.run_many([variant.apply(batch) for variant in variants])  # type: ignore[attr-defined]
     else:
         outputs = (forward(variant.apply(batch)) for variant in variants)  # one variant in memory at a time
