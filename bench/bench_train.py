@@ -8,6 +8,12 @@ share of the timed steps spent waiting for the data loader (is the loader the bo
 
     python bench/bench_train.py                       # synthetic, fib-gala, medulla; 1 vs all threads
     python bench/bench_train.py --recipes configs/medulla-UNet3D.yaml --iterations 80
+    python bench/bench_train.py --variants old auto cl3d compile   # + channels-last 3D, torch.compile
+
+Variants: ``old`` = 1 thread (the old rule), ``auto`` = every core (the reference of the ratios from
+here on), ``cl3d`` = auto with the model's weights in channels-last 3D memory format (the convolutions
+then run channels-last), ``compile`` = auto with ``torch.compile(model)`` (its compilation falls in
+the untimed warm-up steps; the warm-up time is printed).
 
 Run it on a quiet machine: a contended timing is not a measurement.
 """
@@ -36,27 +42,38 @@ def synthetic_root(folder: str) -> str:
     return str(root)
 
 
-def time_recipe(config: str, threads: int, iterations: int, warmup: int, data: str) -> dict[str, float]:
-    """Steps per second after ``warmup`` steps and the loader's share of that time."""
+VARIANTS = {"old": "old rule (1)", "auto": "auto (all)", "cl3d": "auto + channels-last 3D",
+            "compile": "auto + torch.compile"}  # fmt: skip
+
+
+def time_recipe(config: str, variant: str, iterations: int, warmup: int, data: str) -> dict[str, float]:
+    """Steps per second after ``warmup`` steps, the loader's share of that time, the warm-up seconds."""
+    import torch
+
     from melecole.config import load_cfg
     from melecole.engine.trainer import Trainer
 
     extra = ["DATASET.DATA_ROOT", synthetic_root(data)] if "synthetic" in config else []
     with tempfile.TemporaryDirectory() as folder:
+        threads = "1" if variant == "old" else "0"
         cfg = load_cfg(config, extra + [
-            "HARDWARE.NUM_THREADS", str(threads), "LOG.OUTPUT_PATH", folder, "LOG.PROGRESS_BAR", "false",
+            "HARDWARE.NUM_THREADS", threads, "LOG.OUTPUT_PATH", folder, "LOG.PROGRESS_BAR", "false",
             "LOG.VAL_FREQUENCY", "0", "LOG.IMAGE_FREQUENCY", "0", "LOG.CHECKPOINT_FREQUENCY", "0",
         ])
         trainer = Trainer(cfg)
+        if variant == "cl3d":
+            trainer.model.to(memory_format=torch.channels_last_3d)  # in place: the optimizer keeps its parameters
+        elif variant == "compile":
+            trainer.model = torch.compile(trainer.model)
+        start = time.perf_counter()
         trainer.train(stop_at=warmup)
+        warmup_s = time.perf_counter() - start
         start = time.perf_counter()
         trainer.train_loader = _loader_from(cfg, trainer.iteration)
         trainer.train(stop_at=warmup + iterations)
         seconds = time.perf_counter() - start
-        import torch
-
         return {"its": iterations / seconds, "threads": torch.get_num_threads(),
-                "loader": trainer.loader_wait_s / seconds, "seconds": seconds}
+                "loader": trainer.loader_wait_s / seconds, "seconds": seconds, "warmup_s": warmup_s}
 
 
 def _loader_from(cfg, iteration: int):
@@ -70,16 +87,19 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["old", "auto"],
+                        help="the first one is the reference of the ratio column")  # fmt: skip
     args = parser.parse_args()
     os.environ.pop("OMP_NUM_THREADS", None)
     data = tempfile.mkdtemp(prefix="bench_train_")
-    print(f"{'recipe':<34} {'threads':>7} {'it/s':>6} {'x old':>6} {'loader wait':>11}")
+    reference = args.variants[0]
+    print(f"{'recipe':<34} {'threads':>7} {'it/s':>6} {'x ' + reference:>8} {'loader wait':>11} {'warm-up s':>9}")
     for recipe in args.recipes:
-        old = time_recipe(recipe, 1, args.iterations, args.warmup, data)
-        new = time_recipe(recipe, 0, args.iterations, args.warmup, data)
-        for name, row in (("old rule (1)", old), ("auto (all)", new)):
+        rows = {variant: time_recipe(recipe, variant, args.iterations, args.warmup, data) for variant in args.variants}
+        for variant, row in rows.items():
             print(f"{recipe.split('/')[-1]:<34} {row['threads']:>7} {row['its']:>6.2f} "
-                  f"{row['its'] / old['its']:>6.2f} {100 * row['loader']:>10.1f}%  {name}", flush=True)
+                  f"{row['its'] / rows[reference]['its']:>8.2f} {100 * row['loader']:>10.1f}% "
+                  f"{row['warmup_s']:>9.1f}  {VARIANTS[variant]}", flush=True)  # fmt: skip
     return 0
 
 
