@@ -10,10 +10,10 @@ share of the timed steps spent waiting for the data loader (is the loader the bo
     python bench/bench_train.py --recipes configs/medulla-UNet3D.yaml --iterations 80
     python bench/bench_train.py --variants old auto cl3d compile   # + channels-last 3D, torch.compile
 
-Variants: ``old`` = 1 thread (the old rule), ``auto`` = every core (the reference of the ratios from
-here on), ``cl3d`` = auto with the model's weights in channels-last 3D memory format (the convolutions
-then run channels-last), ``compile`` = auto with ``torch.compile(model)`` (its compilation falls in
-the untimed warm-up steps; the warm-up time is printed).
+Variants: ``old`` = 1 thread (the old rule), ``auto`` = every core, ``cl3d`` = auto with
+``HARDWARE.CHANNELS_LAST True`` (the model's weights in channels-last 3D memory format: the
+convolutions then run channels-last), ``compile`` = auto with ``torch.compile(model)`` (compiled in
+the untimed warm-up steps; the warm-up time is printed). The first variant is the ratios' reference.
 
 Run it on a quiet machine: a contended timing is not a measurement.
 """
@@ -57,13 +57,12 @@ def time_recipe(config: str, variant: str, iterations: int, warmup: int, data: s
     with tempfile.TemporaryDirectory() as folder:
         threads = "1" if variant == "old" else "0"
         cfg = load_cfg(config, extra + [
-            "HARDWARE.NUM_THREADS", threads, "LOG.OUTPUT_PATH", folder, "LOG.PROGRESS_BAR", "false",
+            "HARDWARE.NUM_THREADS", threads, "HARDWARE.CHANNELS_LAST", str(variant == "cl3d"),
+            "LOG.OUTPUT_PATH", folder, "LOG.PROGRESS_BAR", "false",
             "LOG.VAL_FREQUENCY", "0", "LOG.IMAGE_FREQUENCY", "0", "LOG.CHECKPOINT_FREQUENCY", "0",
         ])
         trainer = Trainer(cfg)
-        if variant == "cl3d":
-            trainer.model.to(memory_format=torch.channels_last_3d)  # in place: the optimizer keeps its parameters
-        elif variant == "compile":
+        if variant == "compile":
             trainer.model = torch.compile(trainer.model)
         start = time.perf_counter()
         trainer.train(stop_at=warmup)

@@ -410,3 +410,21 @@ def test_sigterm_inside_a_step_stops_after_that_step_and_resumes_exactly(tmp_pat
     assert resumed.iteration == straight.iteration == cfg.OPTIM.TOTAL_ITER
     for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
+def test_channels_last_trains_the_same_steps_in_channels_last_memory(tmp_path):
+    opts = tiny_opts(tmp_path, **{"HARDWARE.NUM_WORKERS": "0", "OPTIM.TOTAL_ITER": "4"})
+    plain = Trainer(load_cfg(None, opts), run_dir=tmp_path / "plain")
+    last = Trainer(load_cfg(None, [*opts, "HARDWARE.CHANNELS_LAST", "True"]), run_dir=tmp_path / "last")
+    plain_history, last_history = plain.train(keep_history=True), last.train(keep_history=True)
+    convolutions = [module.weight for module in last.model.modules() if isinstance(module, torch.nn.Conv3d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convolutions)
+    assert any(not w.is_contiguous() for w in convolutions)  # the layout really changed (3x3x3 kernels)
+    assert [h["loss"] for h in last_history] == pytest.approx([h["loss"] for h in plain_history], rel=1e-4)
+    for (name, expected), actual in zip(plain.model.state_dict().items(), last.model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, msg=name)
+    # Its checkpoint is an ordinary one: the weights load into a model built without the option.
+    checkpoint = load_checkpoint(last.run_dir / "checkpoints" / "last.pt")
+    reloaded = Trainer(load_cfg(None, opts), run_dir=tmp_path / "reloaded").model
+    reloaded.load_state_dict(checkpoint["model"])
+    torch.testing.assert_close(reloaded.state_dict(), last.model.state_dict(), rtol=0, atol=0)

@@ -21,10 +21,13 @@ _C.HARDWARE.NUM_WORKERS = 2
 _C.HARDWARE.DEVICE = "auto"
 # Mixed precision (autocast + grad scaler). Only ever active on CUDA.
 _C.HARDWARE.AMP = True
-# torch CPU threads per process; 0 = auto: the usable cores minus the DataLoader workers, divided
-# among the local processes, at least 1 (more threads than free cores makes CPU training several
-# times slower, not faster).
+# torch CPU threads per process; 0 = auto: every usable core, divided among the local processes, at
+# least 1 (DataLoader workers are not counted: they wait most of a step; bench/bench_train.py).
 _C.HARDWARE.NUM_THREADS = 0
+# Train with the model's weights in channels-last 3D memory format (the convolutions then run
+# channels-last). Same values up to float rounding; speed depends on the patch and model shape:
+# bench/bench_train.py --variants auto cl3d (bench/RESULTS.md, "Training speed"). Training only.
+_C.HARDWARE.CHANNELS_LAST = False
 
 # --------------------------------------------------------------------------------------------------
 # Dataset: <DATA_ROOT>/<split>/*.hdf, every file one volume (see docs/ARCHITECTURE.md)

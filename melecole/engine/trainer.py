@@ -155,8 +155,10 @@ class Trainer:
         seed_everything(cfg.SYSTEM.SEED + self.rank)
         if cfg.SYSTEM.DETERMINISTIC:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        model = self._build_model(supervised_checkpoint, ssl_checkpoint)
-        self.model = self.wrap_model(model.to(self.device))
+        model = self._build_model(supervised_checkpoint, ssl_checkpoint).to(self.device)
+        if cfg.HARDWARE.CHANNELS_LAST:  # in place, before the optimizer and any momentum copy see the weights
+            model.to(memory_format=torch.channels_last_3d)
+        self.model = self.wrap_model(model)
         # Made after wrapping, so that a momentum copy (MoCo) starts from the synchronised weights.
         self.objective = build_objective(cfg, self.model, self.device, self.world_size)
         self.optimizer = build_optimizer(
