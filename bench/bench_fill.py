@@ -1,7 +1,7 @@
 """Background fill and the settings around it, on stored infer.py outputs of trained models.
 
 Run: ``python bench/bench_fill.py --model NAME CONFIG RESULTS GT [--model ...] [--backgrounds 0.95 0.98 0.99]
-[--min-sizes 20 100 300 1000] [--fills watershed nearest]``
+[--min-sizes 20 100 300 1000] [--fills watershed nearest] [--mws-biases 0 0.1]``
 
 Each ``--model`` is a name (``SET:SEED``, e.g. ``medulla:0``: the part before ``:`` groups the models of
 one val set), the config the model was evaluated with, the ``infer.py`` results folder holding
@@ -12,6 +12,11 @@ segment with INFERENCE.MWS_BACKGROUND, MIN_SEGMENT_SIZE and FILL_MODE set so. Pr
 setting and model, then per setting the mean VI of each set over its models, the mean of those set
 means (the joint objective: each val set counts once, whatever its number of seeds), and the mean ARAND
 per set; the setting with the lowest joint VI is marked.
+
+``--mws-biases``: add each value to the voxel mutex watershed's mutex (repulsive) weights ``1 - a``
+(positive: repulsion wins more often, more fragments; negative: fewer), the MWS bias of the mutex
+watershed literature. Only the voxel MWS sees it; the agglomeration's region graph keeps the unbiased
+weights, and its threshold stays the config's.
 """
 
 from __future__ import annotations
@@ -49,24 +54,37 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     gt = _read(Path(gt_path), cfg.DATASET.LABEL_KEY)
     weights = mws_weights(affinities, options.num_attractive)
     rows = []
-    for background in args.backgrounds:
-        labels = mutex_watershed(
-            weights, options.offsets, foreground=foreground, background_threshold=background,
-            strides=options.strides, weights_ready=True,
-        )
-        if options.agglomeration != "none":
-            labels = agglomerate_segments(labels, weights, dataclasses.replace(options, background=background))
-        for min_size in args.min_sizes:
-            for fill in args.fills:
-                segmentation = postprocess_segmentation(
-                    labels, min_size=min_size, fill=True, heightmap=fill_heightmap(foreground, fill)
-                )
-                scores = evaluate_segmentation(segmentation, gt, top_k=0)
-                row = {"model": name, "background": background, "min_size": min_size, "fill": fill,
-                       "split": scores.vi_split, "merge": scores.vi_merge, "vi": scores.vi_total, "arand": scores.arand}
-                print(f"{name:<12} {background:>6} {min_size:>6} {fill:<10} {row['split']:8.4f} {row['merge']:8.4f} "
-                      f"{row['vi']:8.4f} {row['arand']:7.4f}", flush=True)
-                rows.append(row)
+    for bias in args.mws_biases:
+        biased = weights
+        if bias:
+            biased = weights.copy()
+            biased[options.num_attractive:] += np.float32(bias)
+        for background in args.backgrounds:
+            labels = mutex_watershed(
+                biased, options.offsets, foreground=foreground, background_threshold=background,
+                strides=options.strides, weights_ready=True,
+            )
+            if options.agglomeration != "none":
+                labels = agglomerate_segments(labels, weights, dataclasses.replace(options, background=background))
+            rows += score_labels(name, labels, foreground, gt, (bias, background), args)
+    return rows
+
+
+def score_labels(name: str, labels: np.ndarray, foreground: np.ndarray, gt: np.ndarray, setting: tuple,
+                 args: argparse.Namespace) -> list[dict]:
+    """Rows of every (min size, fill) post-processing of one watershed result; ``setting`` = (bias, background)."""
+    rows = []
+    for min_size in args.min_sizes:
+        for fill in args.fills:
+            segmentation = postprocess_segmentation(
+                labels, min_size=min_size, fill=True, heightmap=fill_heightmap(foreground, fill)
+            )
+            scores = evaluate_segmentation(segmentation, gt, top_k=0)
+            row = {"model": name, "bias": setting[0], "background": setting[1], "min_size": min_size, "fill": fill,
+                   "split": scores.vi_split, "merge": scores.vi_merge, "vi": scores.vi_total, "arand": scores.arand}
+            print(f"{name:<12} {setting[0]:>5} {setting[1]:>6} {min_size:>6} {fill:<10} {row['split']:8.4f} "
+                  f"{row['merge']:8.4f} {row['vi']:8.4f} {row['arand']:7.4f}", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -74,21 +92,22 @@ def summary(rows: list[dict]) -> None:
     """Per setting: mean VI per set, the joint mean of set means, mean ARAND per set."""
     by_setting: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        by_setting[(row["fill"], row["background"], row["min_size"])][row["model"].split(":")[0]].append(row)
+        setting = (row["fill"], row["bias"], row["background"], row["min_size"])
+        by_setting[setting][row["model"].split(":")[0]].append(row)
     sets = sorted({row["model"].split(":")[0] for row in rows})
     joint = {}
     for setting, per_set in by_setting.items():
         joint[setting] = statistics.mean(statistics.mean(r["vi"] for r in per_set[s]) for s in sets)
     best = min(joint, key=joint.get)
-    print(f"\n| fill | background | min size | {' | '.join(f'{s} VI (mean, n)' for s in sets)} | joint VI | "
+    print(f"\n| fill | MWS bias | background | min size | {' | '.join(f'{s} VI (mean, n)' for s in sets)} | joint VI | "
           f"{' | '.join(f'{s} ARAND' for s in sets)} |")
-    print("|---|---:|---:|" + "---:|" * (2 * len(sets) + 1))
+    print("|---|---:|---:|---:|" + "---:|" * (2 * len(sets) + 1))
     for setting in sorted(by_setting):
         per_set = by_setting[setting]
         vis = [f"{statistics.mean(r['vi'] for r in per_set[s]):.3f} ({len(per_set[s])})" for s in sets]
         arands = [f"{statistics.mean(r['arand'] for r in per_set[s]):.3f}" for s in sets]
         mark = " **best**" if setting == best else ""
-        print(f"| {setting[0]} | {setting[1]} | {setting[2]} | {' | '.join(vis)} | {joint[setting]:.3f}{mark} | "
+        print(f"| {' | '.join(str(v) for v in setting)} | {' | '.join(vis)} | {joint[setting]:.3f}{mark} | "
               f"{' | '.join(arands)} |")
 
 
@@ -98,8 +117,10 @@ def main() -> None:
     parser.add_argument("--backgrounds", nargs="+", type=float, default=[0.95, 0.98, 0.99])
     parser.add_argument("--min-sizes", nargs="+", type=int, default=[20, 100, 300, 1000])
     parser.add_argument("--fills", nargs="+", default=["watershed", "nearest"])
+    parser.add_argument("--mws-biases", nargs="+", type=float, default=[0.0])
     args = parser.parse_args()
-    print(f"{'model':<12} {'bg':>6} {'min':>6} {'fill':<10} {'split':>8} {'merge':>8} {'VI':>8} {'ARAND':>7}")
+    print(f"{'model':<12} {'bias':>5} {'bg':>6} {'min':>6} {'fill':<10} {'split':>8} {'merge':>8} {'VI':>8} "
+          f"{'ARAND':>7}")
     rows = []
     for name, config, results, gt in args.model:
         rows += sweep_model(name, config, Path(results), gt, args)
