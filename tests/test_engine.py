@@ -428,3 +428,24 @@ def test_channels_last_trains_the_same_steps_in_channels_last_memory(tmp_path):
     reloaded = Trainer(load_cfg(None, opts), run_dir=tmp_path / "reloaded").model
     reloaded.load_state_dict(checkpoint["model"])
     torch.testing.assert_close(reloaded.state_dict(), last.model.state_dict(), rtol=0, atol=0)
+
+
+def test_fine_tuning_crosses_the_descriptor_head_both_ways(tmp_path):
+    lsd = {"MODEL.LSD_HEAD": "True", "LOSS.LSD_WEIGHT": "1.0", "OPTIM.TOTAL_ITER": "1", "HARDWARE.NUM_WORKERS": "0"}
+    with_head = Trainer(load_cfg(None, tiny_opts(tmp_path, **lsd)), run_dir=tmp_path / "lsd")
+    with_head.train()
+    plain = Trainer(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "1"})),
+                    supervised_checkpoint=with_head.run_dir / "checkpoints" / "last.pt", run_dir=tmp_path / "plain")
+    assert plain.model.lsd_head is None  # the head's weights are dropped, every other weight is copied
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(value, with_head.model.state_dict()[name], rtol=0, atol=0, msg=name)
+    plain.train()
+    # The other way: the checkpoint has no head, the new model keeps its head's fresh initialisation.
+    again = Trainer(load_cfg(None, tiny_opts(tmp_path, **lsd)),
+                    supervised_checkpoint=plain.run_dir / "checkpoints" / "last.pt", run_dir=tmp_path / "again")
+    head = {name for name in again.model.state_dict() if name.startswith("lsd_head.")}
+    assert head
+    for name, value in again.model.state_dict().items():
+        if name not in head:
+            torch.testing.assert_close(value, plain.model.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert "fresh descriptor head" in (again.run_dir / "log.txt").read_text()

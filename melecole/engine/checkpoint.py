@@ -23,10 +23,12 @@ __all__ = [
     "checkpoint_cfg",
     "load_backbone_weights",
     "load_checkpoint",
+    "load_fine_tuning_weights",
     "load_model_weights",
     "model_shape_differences",
     "save_checkpoint",
     "unwrap_model",
+    "without_unused_lsd_head",
 ]
 
 CHECKPOINT_FORMAT = "melecole-checkpoint-v1"
@@ -150,6 +152,36 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict, strict: bool = 
     return result
 
 
+def without_unused_lsd_head(checkpoint: dict, model: torch.nn.Module) -> dict:
+    """The checkpoint without its ``lsd_head.*`` weights when ``model`` has no descriptor head.
+
+    The local-shape-descriptor head is an auxiliary training target that inference never reads, so a
+    config without it may evaluate, or fine-tune from, a checkpoint that has one.
+    """
+    if getattr(unwrap_model(model), "lsd_head", None) is not None:
+        return checkpoint
+    state = {k: v for k, v in checkpoint["model"].items() if not k.removeprefix("module.").startswith("lsd_head.")}
+    return {**checkpoint, "model": state}
+
+
+def load_fine_tuning_weights(model: torch.nn.Module, checkpoint: dict) -> list[str]:
+    """``--supervised_checkpoint``: every weight of ``model`` from ``checkpoint``, except a descriptor head.
+
+    A checkpoint's descriptor head is dropped when the model has none; a model with a descriptor head
+    that the checkpoint lacks keeps that head's fresh initialisation. Anything else that does not fit is
+    a CheckpointError. Returns the names of the parameters left fresh.
+    """
+    result = load_model_weights(model, without_unused_lsd_head(checkpoint, model), strict=False)
+    fresh = [key for key in result.missing_keys if key.startswith("lsd_head.")]
+    missing = [key for key in result.missing_keys if not key.startswith("lsd_head.")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint.get('path')}' does not fit the model "
+            f"(missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
+        )
+    return fresh
+
+
 def build_model_from_checkpoint(
     path: str | os.PathLike, cfg: CN | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, CN, dict]:
@@ -162,12 +194,7 @@ def build_model_from_checkpoint(
     else:
         cfg = checkpoint_cfg(checkpoint)
     model = build_model(cfg)
-    if getattr(model, "lsd_head", None) is None:
-        # The descriptor head is trained, never read by inference: a config without it may evaluate a
-        # checkpoint that has one.
-        state = {k: v for k, v in checkpoint["model"].items() if not k.removeprefix("module.").startswith("lsd_head.")}
-        checkpoint = {**checkpoint, "model": state}
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, without_unused_lsd_head(checkpoint, model))
     model.to(device).eval()
     return model, cfg, checkpoint
 

@@ -28,6 +28,7 @@ from melecole.engine.checkpoint import (
     checkpoint_cfg,
     load_backbone_weights,
     load_checkpoint,
+    load_fine_tuning_weights,
     load_model_weights,
     model_shape_differences,
     save_checkpoint,
@@ -210,8 +211,9 @@ class Trainer:
         if supervised_checkpoint is not None:
             checkpoint = load_checkpoint(supervised_checkpoint)
             check_model_compatible(checkpoint, self.cfg)
-            load_model_weights(model, checkpoint)
-            self.logger.info("initialised weights from %s", checkpoint["path"])
+            fresh = load_fine_tuning_weights(model, checkpoint)
+            self.logger.info("initialised weights from %s%s", checkpoint["path"],
+                             f" (fresh descriptor head: {len(fresh)} tensors)" if fresh else "")
         if ssl_checkpoint is not None:
             fresh = load_backbone_weights(model, ssl_checkpoint, self.cfg)
             self.logger.info("initialised the backbone from %s (fresh heads: %s)", ssl_checkpoint, len(fresh))
