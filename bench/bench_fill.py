@@ -50,9 +50,7 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     # The weights from the stored float16 values exactly as infer.py's and melecole-tune's reruns compute
     # them (1 - a rounded in float16): the mutex watershed's ties depend on that rounding.
     affinities = _read(results / "val_affinities.hdf", "affinities")
-    # The foreground as stored (float16), as infer.py and melecole-tune use it: MWS_BACKGROUND is compared in
-    # that precision (0.98 -> 0.97998), which moves ~0.3 % of the voxels across the threshold.
-    foreground = _read(results / "val_membranes.hdf", "membranes")
+    foreground = _read(results / "val_membranes.hdf", "membranes")  # as stored (float16), as infer.py reads it
     gt = _read(Path(gt_path), cfg.DATASET.LABEL_KEY)
     weights = mws_weights(affinities, options.num_attractive)
     rows = []

@@ -103,6 +103,24 @@ def test_background_mask_gives_zeros() -> None:
     assert np.all(unmasked > 0)
 
 
+def test_float16_foreground_is_masked_as_its_float32_values() -> None:
+    from melecole.segmentation.fragments import watershed_fragments
+
+    labels = _boxes()
+    affinities = affinities_from_labels(labels, OFFSETS)
+    # 0.98 rounds to 0.97998 in float16: a voxel stored so is below the threshold 0.98.
+    stored = np.full(labels.shape, np.float16(0.98), dtype=np.float16)
+    assert float(stored[0, 0, 0]) < 0.98
+    stored[:, :, :5] = np.float16(0.99)
+    for segment in (
+        lambda fg: mutex_watershed(affinities, OFFSETS, foreground=fg, background_threshold=0.98),
+        lambda fg: watershed_fragments(affinities, OFFSETS, fg, 0.98),
+    ):
+        from_stored, from_float32 = segment(stored), segment(stored.astype(np.float32))
+        np.testing.assert_array_equal(from_stored, from_float32)
+        assert np.all(from_stored[:, :, 5:] == 0) and np.all(from_stored[:, :, :5] > 0)
+
+
 def _components(labels: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 

@@ -17,7 +17,7 @@ import fastremap
 import numpy as np
 from scipy import ndimage
 
-from melecole.segmentation.mws import mutex_watershed
+from melecole.segmentation.mws import foreground_mask, mutex_watershed
 from melecole.segmentation.postprocess import remove_small_segments
 from melecole.utils.offsets import Offsets, number_of_attractive_channels, offset_slices
 
@@ -108,7 +108,7 @@ def watershed_fragments(
     """
     from bioimage_cpp.segmentation import watershed, watershed_from_affinities
 
-    mask = None if foreground is None else np.asarray(foreground) >= background_threshold
+    mask = None if foreground is None else foreground_mask(foreground, background_threshold)
     interior = boundary_height(affinities, offsets, reduce="min") < interior_threshold
     if mask is not None:
         interior &= mask

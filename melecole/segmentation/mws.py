@@ -15,7 +15,7 @@ import numpy as np
 
 from melecole.utils.offsets import Offsets, number_of_attractive_channels
 
-__all__ = ["mutex_watershed", "mws_weights", "number_of_attractive_channels"]
+__all__ = ["foreground_mask", "mutex_watershed", "mws_weights", "number_of_attractive_channels"]
 
 
 def mws_weights(affinities: np.ndarray, num_attractive: int, in_place: bool = False) -> np.ndarray:
@@ -42,6 +42,19 @@ def mws_weights(affinities: np.ndarray, num_attractive: int, in_place: bool = Fa
     for channel in range(num_attractive, affinities.shape[0]):
         np.subtract(1.0, affinities[channel], out=weights[channel], casting="unsafe")
     return weights
+
+
+def foreground_mask(foreground: np.ndarray, background_threshold: float) -> np.ndarray:
+    """``foreground >= background_threshold``, compared in at least float32.
+
+    Stored foreground is float16, where a threshold such as 0.98 would itself round (to 0.97998) and
+    let the voxels stored as 0.97998 through; every schedule (``infer.py``, blockwise, tuning) compares
+    the float32 values, so the same stored map gives the same mask in each.
+    """
+    foreground = np.asarray(foreground)
+    if foreground.dtype not in (np.float32, np.float64):
+        foreground = foreground.astype(np.float32)
+    return foreground >= background_threshold
 
 
 def mutex_watershed(
@@ -95,7 +108,7 @@ def mutex_watershed(
         foreground = np.asarray(foreground)
         if foreground.shape != affinities.shape[1:]:
             raise ValueError(f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}")
-        mask = foreground >= background_threshold
+        mask = foreground_mask(foreground, background_threshold)
         if mask.all():
             mask = None  # nothing masked: skip the engine's per-channel mask pass
     # All-ones strides keep every edge; passing None skips the engine's stride pass.
