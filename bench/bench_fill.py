@@ -53,6 +53,7 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     foreground = _read(results / "val_membranes.hdf", "membranes")  # as stored (float16), as infer.py reads it
     gt = _read(Path(gt_path), cfg.DATASET.LABEL_KEY)
     weights = mws_weights(affinities, options.num_attractive)
+    heightmaps = {fill: fill_heightmap(foreground, fill) for fill in args.fills}
     rows = []
     for bias in args.mws_biases:
         biased = weights
@@ -66,18 +67,19 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
             )
             if options.agglomeration != "none":
                 labels = agglomerate_segments(labels, weights, dataclasses.replace(options, background=background))
-            rows += score_labels(name, labels, foreground, gt, (bias, background), args)
+            rows += score_labels(name, labels, heightmaps, gt, (bias, background), args)
     return rows
 
 
-def score_labels(name: str, labels: np.ndarray, foreground: np.ndarray, gt: np.ndarray, setting: tuple,
+def score_labels(name: str, labels: np.ndarray, heightmaps: dict, gt: np.ndarray, setting: tuple,
                  args: argparse.Namespace) -> list[dict]:
-    """Rows of every (min size, fill) post-processing of one watershed result; ``setting`` = (bias, background)."""
+    """Rows of every (min size, fill) post-processing of one watershed result; ``heightmaps`` per fill mode,
+    ``setting`` = (bias, background)."""
     rows = []
     for min_size in args.min_sizes:
         for fill in args.fills:
             segmentation = postprocess_segmentation(
-                labels, min_size=min_size, fill=True, heightmap=fill_heightmap(foreground, fill)
+                labels, min_size=min_size, fill=True, heightmap=heightmaps[fill]
             )
             scores = evaluate_segmentation(segmentation, gt, top_k=0)
             row = {"model": name, "bias": setting[0], "background": setting[1], "min_size": min_size, "fill": fill,

@@ -48,10 +48,17 @@ def foreground_mask(foreground: np.ndarray, background_threshold: float) -> np.n
     """``foreground >= background_threshold``, compared in at least float32.
 
     Stored foreground is float16, where a threshold such as 0.98 would itself round (to 0.97998) and
-    let the voxels stored as 0.97998 through; every schedule (``infer.py``, blockwise, tuning) compares
-    the float32 values, so the same stored map gives the same mask in each.
+    let the voxels stored as 0.97998 through; every schedule (``infer.py``, blockwise, tuning) gets the
+    mask of the float32 values, so the same stored map gives the same mask in each.
     """
     foreground = np.asarray(foreground)
+    if foreground.dtype == np.float16:
+        # The smallest float16 at or above the threshold: the float16 comparison then equals the float32
+        # one, without a float32 copy of the volume.
+        threshold = np.float16(background_threshold)
+        if float(threshold) < background_threshold:
+            threshold = np.nextafter(threshold, np.float16(np.inf))
+        return foreground >= threshold
     if foreground.dtype not in (np.float32, np.float64):
         foreground = foreground.astype(np.float32)
     return foreground >= background_threshold
