@@ -292,25 +292,41 @@ def test_data_errors_leave_no_run_folder_and_later_errors_reach_log_txt(tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_saves_last_pt_that_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_saves_last_pt_that_resumes_exactly(tmp_path, to):
+    """SIGTERM to the training process, or to its whole process group with the loader workers (what
+    Slurm's scancel and `kill -- -PGID` do): last.pt at the iteration reached, no traceback."""
     import os
     import signal
     import time
 
     extra = {"OPTIM.TOTAL_ITER": "200", "OPTIM.SCHEDULER": "constant", "LOG.VAL_FREQUENCY": "0",
-             "LOG.IMAGE_FREQUENCY": "0", "LOG.CHECKPOINT_FREQUENCY": "1000"}
+             "LOG.IMAGE_FREQUENCY": "0", "LOG.CHECKPOINT_FREQUENCY": "1000", "HARDWARE.NUM_WORKERS": "2"}
     config = write_config(tmp_path, **extra)
     process = subprocess.Popen([sys.executable, "melecole/train.py", "--config", str(config)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         logs = list((tmp_path / "runs").glob("*/log.txt"))
         if logs and "iter 3/200" in logs[0].read_text():
             break
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     stderr = process.communicate(timeout=120)[1]
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the loader workers are gone too: no process left in the group
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("a loader worker outlived the stopped training process")
     (run,) = (tmp_path / "runs").iterdir()
     checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
     stopped = checkpoint["iteration"]

@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 import random
+import signal
 from typing import Iterator, Sequence
 
 import cc3d
@@ -235,11 +236,18 @@ class InfiniteIndexSampler(Sampler):
 
 
 def worker_init_fn(worker_id: int, seed: int = 0, rank: int = 0) -> None:
-    """Seeds numpy, torch and ``random`` distinctly per (seed, rank, worker) and uses one thread.
+    """Seeds numpy, torch and ``random`` distinctly per (seed, rank, worker), uses one thread and
+    ignores SIGTERM and SIGINT.
 
     Patches do not depend on these generators (see :class:`TrainDataset`); this only keeps any
-    other randomness in a worker reproducible and different between workers.
+    other randomness in a worker reproducible and different between workers. A stop signal sent to
+    the whole process group (Ctrl-C, Slurm's scancel, ``kill -- -PGID``) is the training process's
+    to handle: it finishes the step, saves last.pt and shuts the workers down; a worker killed by
+    it first would end the run with a traceback instead. A worker whose parent died still exits
+    (PyTorch's worker watchdog).
     """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     state = np.random.SeedSequence([seed, rank, worker_id]).generate_state(2)
     np.random.seed(int(state[0]))
     random.seed(int(state[1]))
