@@ -217,19 +217,22 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGTERM-group"])
 def test_stopping_the_launcher_stops_its_workers(tmp_path, signal_name):
-    """kill -9 of the launcher: its workers are gone within 30 s. SIGTERM (SLURM, docker stop):
-    the launcher passes it on, rank 0 saves last.pt, everything leaves like after Ctrl-C."""
+    """kill -9 of the launcher: its workers are gone within 30 s. SIGTERM (docker stop): the launcher
+    passes it on, rank 0 saves last.pt, everything leaves like after Ctrl-C. SIGTERM-group: the same
+    signal reaches launcher, ranks and their loader workers at once (SLURM's scancel, kill -- -PGID)."""
     import signal
 
+    group = signal_name.endswith("-group")
     config = tmp_path / "tiny.yaml"
-    config.write_text(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "100000",
-                                                             "LOG.VAL_FREQUENCY": "0"})).dump())
+    config.write_text(load_cfg(None, tiny_opts(tmp_path, **{"OPTIM.TOTAL_ITER": "100000", "LOG.VAL_FREQUENCY": "0",
+                                                             "HARDWARE.NUM_WORKERS": "1" if group else "0"})).dump())
     environment = {name: value for name, value in os.environ.items() if name not in ("RANK", "WORLD_SIZE")}
     launcher = subprocess.Popen([sys.executable, "melecole/train_distributed.py", "--config", str(config),
                                  "HARDWARE.NUM_GPUS", "2"], cwd=REPO, env=environment,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=group)
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
@@ -240,13 +243,16 @@ def test_stopping_the_launcher_stops_its_workers(tmp_path, signal_name):
             time.sleep(0.3)
         workers = _worker_pids(launcher.pid)
         assert len(workers) == 2, workers
-        launcher.send_signal(getattr(signal, signal_name))
+        if group:
+            os.killpg(launcher.pid, signal.SIGTERM)
+        else:
+            launcher.send_signal(getattr(signal, signal_name))
         stderr = launcher.communicate(timeout=90)[1]
         start = time.monotonic()
         while any(_alive(pid) for pid in workers) and time.monotonic() - start < 30:
             time.sleep(0.5)
         assert not any(_alive(pid) for pid in workers), f"workers alive {time.monotonic() - start:.0f} s later"
-        if signal_name == "SIGTERM":
+        if signal_name.startswith("SIGTERM"):
             assert launcher.returncode == 130 and "Traceback" not in stderr, stderr
             (run,) = (tmp_path / "runs").iterdir()
             assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] >= 2

@@ -343,6 +343,23 @@ def test_sigterm_saves_last_pt_that_resumes_exactly(tmp_path, to):
     assert os.environ.get("OMP_NUM_THREADS") == "1"  # both processes computed with one thread
 
 
+def test_a_repeated_stop_signal_stops_at_once_only_after_a_pause():
+    """The same SIGTERM arriving twice within milliseconds (directly and forwarded by the launcher,
+    when a whole process group is signalled) asks for one clean stop; a second one later, at once."""
+    from melecole.engine.launch import StepInterrupt
+
+    now = [100.0]
+    interrupt = StepInterrupt(clock=lambda: now[0])
+    assert not interrupt.requested()
+    interrupt.handler(15, None)
+    now[0] += 0.01
+    interrupt.handler(15, None)  # the forwarded copy: no exception, the step under way finishes
+    assert interrupt.requested()
+    now[0] += StepInterrupt.REPEAT_AFTER_S
+    with pytest.raises(KeyboardInterrupt, match="twice"):
+        interrupt.handler(2, None)
+
+
 def test_progress_helpers_choose_bar_or_log_lines(caplog):
     import logging
 

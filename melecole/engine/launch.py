@@ -125,15 +125,25 @@ class StepInterrupt:
 
     A KeyboardInterrupt in the middle of a step (inside ``optimizer.step``, between it and the
     scheduler, or in a checkpoint write) would save a state no uninterrupted run ever had, and the
-    resumed run would differ. A second signal stops at once (a step that does not end).
+    resumed run would differ. A second signal stops at once (a step that does not end), if it comes
+    ``REPEAT_AFTER_S`` or more after the first: a signal to a whole process group (SLURM's scancel,
+    ``kill -- -PGID``) reaches a rank directly and again, milliseconds later, through its launcher,
+    and that is one request, not two.
     """
 
-    def __init__(self) -> None:
+    REPEAT_AFTER_S = 1.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.signals = 0
+        self.clock = clock
+        self.first_at = 0.0
 
     def handler(self, signum: int, frame: Any) -> None:
+        now = self.clock()
+        if self.signals == 0:
+            self.first_at = now
         self.signals += 1
-        if self.signals > 1:
+        if self.signals > 1 and now - self.first_at >= self.REPEAT_AFTER_S:
             raise KeyboardInterrupt(f"signal {signum}, twice")
 
     def requested(self, device: Any = "cpu") -> bool:
