@@ -22,6 +22,8 @@ exists), then:
   - exit:   the run leaves like Ctrl-C: exit code 130, no traceback on stderr, and last.pt holds the
            iteration it reported ("interrupted at iteration N");
   - resume: as above (bit-exact final weights, no temporary left).
+  With --sigterm-group the signal goes to the run's whole process group (what SLURM's scancel and
+  `kill -- -PGID` do) and the runs load with one DataLoader worker, which gets it too.
 python -m melecole.blockwise, --blockwise-runs: one uninterrupted reference run on a tiny Voronoi volume
 (--blockwise-shape, --blockwise-block: >= 12 blocks, 2 workers), then per trial a seeded choice of kill
 kind and pass (fragments, graph, agglomerate, relabel; each combination equally often). The trial waits
@@ -39,6 +41,7 @@ passed and failed checks, other rows what happened.
 Fault injection as measured for bench/RESULTS.md (30 blockwise + 20 SIGTERM trials):
 
     python bench/fault_injection.py --infer-runs 0 --train-runs 0 --blockwise-runs 30 --sigterm-runs 20 --seed 0
+    python bench/fault_injection.py --infer-runs 0 --train-runs 0 --blockwise-runs 0 --sigterm-runs 20 --sigterm-group --seed 0
 """
 
 from __future__ import annotations
@@ -435,9 +438,10 @@ def train_trials(work: Path, setup: dict, runs: int, rng: np.random.Generator) -
     return outcome
 
 
-def _sigterm_after_checkpoint(watched: Watched, output: Path, delay: float) -> str:
-    """Sends SIGTERM ``delay`` s after checkpoints/last.pt appeared; when it came: "training", "exiting"
-    (the final checkpoint was logged already) or "never" (the run ended first)."""
+def _sigterm_after_checkpoint(watched: Watched, output: Path, delay: float, group: bool = False) -> str:
+    """Sends SIGTERM ``delay`` s after checkpoints/last.pt appeared (to the run's process group with
+    ``group``); when it came: "training", "exiting" (the final checkpoint was logged already) or
+    "never" (the run ended first)."""
     while watched.running() and _last_checkpoint(output) is None:
         watched.refresh()
         time.sleep(0.01)
@@ -448,7 +452,10 @@ def _sigterm_after_checkpoint(watched: Watched, output: Path, delay: float) -> s
         return "never"
     watched.refresh(every=0)
     moment = "exiting" if FINAL_CHECKPOINT in watched.output() else "training"
-    watched.popen.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(watched.popen.pid, signal.SIGTERM)
+    else:
+        watched.popen.send_signal(signal.SIGTERM)
     return moment
 
 
@@ -473,15 +480,17 @@ def _check_clean_exit(outcome: Counter, watched: Watched, code: int | None, outp
         print(f"  exit {code}, stderr: {watched.stderr()[-1500:]}", flush=True)
 
 
-def sigterm_trials(work: Path, setup: dict, runs: int, rng: np.random.Generator) -> Counter:
-    """SIGTERM at a random moment after the first checkpoint, then --resume (bit-exact weights)."""
+def sigterm_trials(work: Path, setup: dict, runs: int, rng: np.random.Generator, group: bool = False) -> Counter:
+    """SIGTERM at a random moment after the first checkpoint, then --resume (bit-exact weights); with
+    ``group`` to the whole process group, one DataLoader worker loading."""
     outcome: Counter = Counter()
     window = max(setup["final"] - setup["first_checkpoint"], 0.2)
     for trial in range(runs):
         output = work / f"sigterm_{trial:03d}"
         delay = float(rng.uniform(0, window))
-        watched = Watched(_train_args(setup["config"], output), work / f"sigterm_{trial:03d}")
-        moment = _sigterm_after_checkpoint(watched, output, delay)
+        extra = ["HARDWARE.NUM_WORKERS", "1"] if group else []
+        watched = Watched(_train_args(setup["config"], output) + extra, work / f"sigterm_{trial:03d}")
+        moment = _sigterm_after_checkpoint(watched, output, delay, group)
         code = watched.wait()
         if moment == "never":
             outcome["finished before the signal"] += 1
@@ -708,6 +717,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--infer-runs", type=int, default=50, help="infer.py SIGKILL trials (0: skip)")
     parser.add_argument("--train-runs", type=int, default=50, help="train.py SIGKILL / SIGTERM trials (0: skip)")
     parser.add_argument("--sigterm-runs", type=int, default=20, help="train.py SIGTERM-after-checkpoint trials")
+    parser.add_argument("--sigterm-group", action="store_true",
+                        help="send the --sigterm-runs signal to the whole process group, one loader worker")
     parser.add_argument("--blockwise-runs", type=int, default=30, help="blockwise driver / worker kill trials")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -764,7 +775,8 @@ def main() -> int:
         if args.train_runs:
             timed("train.py (SIGKILL / SIGTERM)", lambda: train_trials(work, setup, args.train_runs, rng))
         if args.sigterm_runs:
-            timed("train.py (SIGTERM after last.pt)", lambda: sigterm_trials(work, setup, args.sigterm_runs, rng))
+            name = "train.py (SIGTERM to the group)" if args.sigterm_group else "train.py (SIGTERM after last.pt)"
+            timed(name, lambda: sigterm_trials(work, setup, args.sigterm_runs, rng, args.sigterm_group))
         if args.blockwise_runs:
             shape, block = tuple(args.blockwise_shape), tuple(args.blockwise_block)
             name = "blockwise (SIGKILL driver / worker)"
