@@ -41,7 +41,8 @@ passed and failed checks, other rows what happened.
 Fault injection as measured for bench/RESULTS.md (30 blockwise + 20 SIGTERM trials):
 
     python bench/fault_injection.py --infer-runs 0 --train-runs 0 --blockwise-runs 30 --sigterm-runs 20 --seed 0
-    python bench/fault_injection.py --infer-runs 0 --train-runs 0 --blockwise-runs 0 --sigterm-runs 20 --sigterm-group --seed 0
+    python bench/fault_injection.py --infer-runs 0 --train-runs 0 --blockwise-runs 0 --sigterm-runs 20 \
+        --sigterm-group --seed 0
 """
 
 from __future__ import annotations
