@@ -59,9 +59,7 @@ def foreground_mask(foreground: np.ndarray, background_threshold: float) -> np.n
         if float(threshold) < background_threshold:
             threshold = np.nextafter(threshold, np.float16(np.inf))
         return foreground >= threshold
-    if foreground.dtype not in (np.float32, np.float64):
-        foreground = foreground.astype(np.float32)
-    return foreground >= background_threshold
+    return foreground >= background_threshold  # float32 / float64 / integers: numpy compares exactly
 
 
 def mutex_watershed(
