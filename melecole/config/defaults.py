@@ -54,6 +54,10 @@ _C.DATASET.MIN_OBJECT_SIZE = 4
 # augmentation): the metric loss ignores them and the foreground head learns them as boundary.
 # For dense ground truth without a boundary class (medulla); 0 = labels as given.
 _C.DATASET.BOUNDARY_WIDTH = 0
+# The ground truth's own boundary class (label 0) grows this many voxels into the objects in each
+# training patch (after augmentation), for a boundary class thinner than the model can place
+# (fib-gala's is one voxel); 0 = as given.
+_C.DATASET.BACKGROUND_WIDTH = 0
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation: each has ENABLED, a probability P and its strength parameters.

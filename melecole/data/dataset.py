@@ -95,7 +95,7 @@ def relabel_components(labels: np.ndarray, min_object_size: int = 0) -> np.ndarr
     return components.astype(np.int64, copy=False)
 
 
-def mask_boundaries(labels: np.ndarray, width: int) -> np.ndarray:
+def mask_boundaries(labels: np.ndarray, width: int, background_width: int = 0) -> np.ndarray:
     """(Z, Y, X) ids with every voxel within ``width`` voxels of a different non-zero id set to 0.
 
     A voxel is on a boundary when one of its 6 neighbours carries another non-zero id (both sides of
@@ -103,18 +103,26 @@ def mask_boundaries(labels: np.ndarray, width: int) -> np.ndarray:
     voxels do not grow. ``width`` 0 returns ``labels`` unchanged. For dense ground truth without a
     boundary class (medulla, SNEMI3D): the foreground head then learns boundaries and the metric loss
     ignores the ambiguous voxels on them.
+
+    ``background_width`` > 0 also grows the 0 voxels themselves by that many voxels (6-connected
+    steps) into the objects: for ground truth whose boundary class is thinner than the model can place
+    (fib-gala's is one voxel), the foreground head then learns a thicker, closed wall. With both 0 the
+    input is returned as is; otherwise a new array.
     """
-    if width <= 0:
+    if width <= 0 and background_width <= 0:
         return labels
     boundary = np.zeros(labels.shape, dtype=bool)
-    for axis in range(labels.ndim):
-        first = tuple(slice(None, -1) if a == axis else slice(None) for a in range(labels.ndim))
-        second = tuple(slice(1, None) if a == axis else slice(None) for a in range(labels.ndim))
-        differ = (labels[first] != labels[second]) & (labels[first] != 0) & (labels[second] != 0)
-        boundary[first] |= differ
-        boundary[second] |= differ
-    if width > 1:
-        boundary = ndimage.binary_dilation(boundary, iterations=width - 1) & (labels != 0)
+    if width > 0:
+        for axis in range(labels.ndim):
+            first = tuple(slice(None, -1) if a == axis else slice(None) for a in range(labels.ndim))
+            second = tuple(slice(1, None) if a == axis else slice(None) for a in range(labels.ndim))
+            differ = (labels[first] != labels[second]) & (labels[first] != 0) & (labels[second] != 0)
+            boundary[first] |= differ
+            boundary[second] |= differ
+        if width > 1:
+            boundary = ndimage.binary_dilation(boundary, iterations=width - 1) & (labels != 0)
+    if background_width > 0:
+        boundary |= ndimage.binary_dilation(labels == 0, iterations=background_width)
     masked = labels.copy()
     masked[boundary] = 0
     return masked
@@ -150,6 +158,7 @@ class TrainDataset(Dataset):
         length: int = 2**62,
         boundary_width: int = 0,
         lsd_radius: Sequence[int] | None = None,
+        background_width: int = 0,
     ) -> None:
         if not volumes:
             raise DataError("no volumes given to the training dataset")
@@ -170,6 +179,7 @@ class TrainDataset(Dataset):
         self.min_object_size = int(min_object_size)
         self.length = int(length)
         self.boundary_width = int(boundary_width)
+        self.background_width = int(background_width)
         self.lsd_radius = tuple(int(r) for r in lsd_radius) if lsd_radius else None
         sizes = np.array([v.num_voxels for v in self.volumes], dtype=np.float64)
         if sizes.sum() <= 0:
@@ -217,7 +227,7 @@ class TrainDataset(Dataset):
 
         sample = {"raw": torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None]}
         if labels is not None:
-            labels = mask_boundaries(labels, self.boundary_width)
+            labels = mask_boundaries(labels, self.boundary_width, self.background_width)
             sample["labels"] = torch.from_numpy(relabel_components(labels, self.min_object_size))
             if self.lsd_radius is not None:
                 descriptors = local_shape_descriptors(sample["labels"].numpy(), self.lsd_radius)
@@ -300,6 +310,7 @@ def build_train_loader(
         max_redraws=cfg.DATASET.MAX_REDRAWS,
         min_object_size=cfg.DATASET.MIN_OBJECT_SIZE,
         boundary_width=cfg.DATASET.BOUNDARY_WIDTH,
+        background_width=cfg.DATASET.BACKGROUND_WIDTH,
         lsd_radius=cfg.LOSS.LSD_RADIUS if cfg.LOSS.LSD_WEIGHT > 0 and labeled else None,
     )
     batch_size = cfg.OPTIM.BATCH_SIZE
@@ -346,6 +357,7 @@ def build_val_batches(cfg: CfgNode, rank: int = 0) -> list[dict[str, torch.Tenso
         max_redraws=cfg.DATASET.MAX_REDRAWS,
         min_object_size=cfg.DATASET.MIN_OBJECT_SIZE,
         boundary_width=cfg.DATASET.BOUNDARY_WIDTH,
+        background_width=cfg.DATASET.BACKGROUND_WIDTH,
     )
     samples = [dataset[index] for index in range(count)]
     batch_size = cfg.OPTIM.BATCH_SIZE

@@ -255,6 +255,34 @@ def test_mask_boundaries_marks_both_sides_of_an_interface() -> None:
     np.testing.assert_array_equal(labels[0, 0], [1, 1, 1, 2, 2, 0])  # input untouched
 
 
+def test_mask_boundaries_grows_the_boundary_class_with_background_width() -> None:
+    labels = np.ones((3, 5, 9), dtype=np.int64)
+    labels[:, :, 4] = 0  # a one-voxel boundary class between two objects, as in fib-gala
+    labels[:, :, 5:] = 2
+    grown = mask_boundaries(labels, 0, background_width=1)
+    expected = labels.copy()
+    expected[:, :, 3:6] = 0  # the wall is now 3 voxels thick; the objects keep the rest
+    np.testing.assert_array_equal(grown, expected)
+    two = mask_boundaries(labels, 0, background_width=2)
+    assert np.all(two[:, :, 2:7] == 0) and np.all(two[:, :, :2] == 1) and np.all(two[:, :, 7:] == 2)
+    # growth is 6-connected: a corner voxel two steps away diagonally stays
+    single = np.ones((1, 3, 3), dtype=np.int64)
+    single[0, 0, 0] = 0
+    np.testing.assert_array_equal(mask_boundaries(single, 0, background_width=1)[0], [[0, 0, 1], [0, 1, 1], [1, 1, 1]])
+    assert labels[0, 0, 3] == 1  # input untouched
+
+
+def test_dataset_background_width_thickens_the_target_wall() -> None:
+    raw = np.zeros((4, 16, 16), dtype=np.uint8)
+    labels = np.ones((4, 16, 16), dtype=np.uint32)
+    labels[:, :, 8] = 0
+    labels[:, :, 9:] = 2
+    volume = Volume(raw=raw, labels=labels, path=Path("mem.hdf"), padding=(0, 0, 0))
+    sample = TrainDataset([volume], (4, 16, 16), background_width=1)[0]["labels"].numpy()
+    assert np.all(sample[:, :, 7:10] == 0) and np.all(sample[:, :, :7] != 0) and np.all(sample[:, :, 10:] != 0)
+    assert len(np.unique(sample)) == 3
+
+
 def test_dataset_boundary_width_leaves_a_gap_between_objects() -> None:
     raw = np.zeros((4, 16, 16), dtype=np.uint8)
     labels = np.ones((4, 16, 16), dtype=np.uint32)
