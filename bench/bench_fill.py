@@ -19,9 +19,11 @@ watershed literature. Only the voxel MWS sees it; the agglomeration's region gra
 weights, and its threshold stays the config's.
 
 ``--oracles``: bound what a better foreground head could gain. The head's target is the ground truth
-after DATASET.BOUNDARY_WIDTH (what training asks of it: label != 0); ``fn`` sets the stored foreground to
-1 where the target is foreground, ``fp`` to 0 where it is background, ``both`` does both (a perfect
-head); the embeddings' affinities stay as predicted. ``none`` (the default) is the model as it is.
+after DATASET.BOUNDARY_WIDTH / BACKGROUND_WIDTH (what training asks of it: label != 0); ``fn`` sets the
+stored foreground to 1 where the target is foreground, ``fp`` to 0 where it is background, ``both`` does
+both (a perfect head); ``fill`` keeps the predicted map for the watershed's mask and gives only the fill
+the target's height map (the fill's share of the error). The embeddings' affinities stay as predicted.
+``none`` (the default) is the model as it is.
 Each model also prints the head's error rates at every background threshold: the share of target
 foreground voxels below it (they cannot seed) and of target background voxels at or above it (they
 can bridge two objects).
@@ -70,7 +72,8 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     rows = []
     for oracle in args.oracles:
         corrected = oracle_foreground(foreground, target, oracle)
-        heightmaps = {fill: fill_heightmap(corrected, fill) for fill in args.fills}
+        filled_from = oracle_foreground(foreground, target, "both") if oracle == "fill" else corrected
+        heightmaps = {fill: fill_heightmap(filled_from, fill) for fill in args.fills}
         for bias in args.mws_biases:
             biased = weights
             if bias:
@@ -89,8 +92,9 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
 
 def oracle_foreground(foreground: np.ndarray, target: np.ndarray, oracle: str) -> np.ndarray:
     """``foreground`` with the head's errors against ``target`` removed: ``fn`` (target foreground -> 1),
-    ``fp`` (target background -> 0), ``both``; ``none`` returns it unchanged."""
-    if oracle == "none":
+    ``fp`` (target background -> 0), ``both``; ``none`` and ``fill`` (only the fill's height map is the
+    oracle's, see :func:`sweep_model`) return it unchanged."""
+    if oracle in ("none", "fill"):
         return foreground
     corrected = foreground.copy()
     if oracle in ("fn", "both"):
@@ -151,7 +155,7 @@ def main() -> None:
     parser.add_argument("--min-sizes", nargs="+", type=int, default=[20, 100, 300, 1000])
     parser.add_argument("--fills", nargs="+", default=["watershed", "nearest"])
     parser.add_argument("--mws-biases", nargs="+", type=float, default=[0.0])
-    parser.add_argument("--oracles", nargs="+", choices=["none", "fn", "fp", "both"], default=["none"])
+    parser.add_argument("--oracles", nargs="+", choices=["none", "fn", "fp", "both", "fill"], default=["none"])
     args = parser.parse_args()
     print(f"{'model':<12} {'oracle':>6} {'bias':>5} {'bg':>6} {'min':>6} {'fill':<10} {'split':>8} {'merge':>8} "
           f"{'VI':>8} {'ARAND':>7}")
