@@ -1,7 +1,8 @@
 """Background fill and the settings around it, on stored infer.py outputs of trained models.
 
 Run: ``python bench/bench_fill.py --model NAME CONFIG RESULTS GT [--model ...] [--backgrounds 0.95 0.98 0.99]
-[--min-sizes 20 100 300 1000] [--fills watershed nearest] [--mws-biases 0 0.1]``
+[--min-sizes 20 100 300 1000] [--fills watershed nearest] [--mws-biases 0 0.1]
+[--foreground-powers 3 10] [--oracles none fn fp both fill]``
 
 Each ``--model`` is a name (``SET:SEED``, e.g. ``medulla:0``: the part before ``:`` groups the models of
 one val set), the config the model was evaluated with, the ``infer.py`` results folder holding
@@ -17,6 +18,10 @@ per set; the setting with the lowest joint VI is marked.
 (positive: repulsion wins more often, more fragments; negative: fewer), the MWS bias of the mutex
 watershed literature. Only the voxel MWS sees it; the agglomeration's region graph keeps the unbiased
 weights, and its threshold stays the config's.
+
+``--foreground-powers``: scale the voxel MWS's attractive weights by min(foreground of both voxels) ** k,
+so edges through voxels the head is less sure of are drawn later (k = 0: off). Like the bias, only the
+voxel MWS sees it.
 
 ``--oracles``: bound what a better foreground head could gain. The head's target is the ground truth
 after DATASET.BOUNDARY_WIDTH / BACKGROUND_WIDTH (what training asks of it: label != 0); ``fn`` sets the
@@ -47,6 +52,7 @@ from melecole.segmentation.mws import mutex_watershed, mws_weights
 from melecole.segmentation.options import build_segmentation_options
 from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 from melecole.segmentation.volume import agglomerate_segments
+from melecole.utils.offsets import offset_slices
 
 
 def _read(path: Path, key: str) -> np.ndarray:
@@ -74,11 +80,7 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
         corrected = oracle_foreground(foreground, target, oracle)
         filled_from = oracle_foreground(foreground, target, "both") if oracle == "fill" else corrected
         heightmaps = {fill: fill_heightmap(filled_from, fill) for fill in args.fills}
-        for bias in args.mws_biases:
-            biased = weights
-            if bias:
-                biased = weights.copy()
-                biased[options.num_attractive:] += np.float32(bias)
+        for variant, biased in mws_variants(weights, corrected, options, args):
             for background in args.backgrounds:
                 labels = mutex_watershed(
                     biased, options.offsets, foreground=corrected, background_threshold=background,
@@ -86,8 +88,31 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
                 )
                 if options.agglomeration != "none":
                     labels = agglomerate_segments(labels, weights, dataclasses.replace(options, background=background))
-                rows += score_labels(name, labels, heightmaps, gt, (oracle, bias, background), args)
+                rows += score_labels(name, labels, heightmaps, gt, (oracle, variant, background), args)
     return rows
+
+
+def mws_variants(weights: np.ndarray, foreground: np.ndarray, options, args: argparse.Namespace):
+    """(name, weights) of the voxel MWS per ``--mws-biases`` value (bias ``b``: mutex weights + b) and per
+    ``--foreground-powers`` value (``fg^k``: attractive weights x min(foreground of both ends) ** k; 0 adds
+    nothing); ``"0"`` = the weights as they are."""
+    for bias in args.mws_biases:
+        if not bias:
+            yield "0", weights
+            continue
+        biased = weights.copy()
+        biased[options.num_attractive:] += np.float32(bias)
+        yield f"{bias:+g}", biased
+    for power in args.foreground_powers:
+        if not power:
+            continue
+        scaled = weights.copy()
+        values = foreground.astype(np.float32)
+        for channel in range(options.num_attractive):
+            slices = offset_slices(values.shape, options.offsets[channel])
+            if slices is not None:
+                scaled[channel][slices[0]] *= np.minimum(values[slices[0]], values[slices[1]]) ** np.float32(power)
+        yield f"fg^{power:g}", scaled
 
 
 def oracle_foreground(foreground: np.ndarray, target: np.ndarray, oracle: str) -> np.ndarray:
@@ -107,7 +132,7 @@ def oracle_foreground(foreground: np.ndarray, target: np.ndarray, oracle: str) -
 def score_labels(name: str, labels: np.ndarray, heightmaps: dict, gt: np.ndarray, setting: tuple,
                  args: argparse.Namespace) -> list[dict]:
     """Rows of every (min size, fill) post-processing of one watershed result; ``heightmaps`` per fill mode,
-    ``setting`` = (oracle, bias, background)."""
+    ``setting`` = (oracle, MWS weights, background)."""
     rows = []
     for min_size in args.min_sizes:
         for fill in args.fills:
@@ -115,10 +140,10 @@ def score_labels(name: str, labels: np.ndarray, heightmaps: dict, gt: np.ndarray
                 labels, min_size=min_size, fill=True, heightmap=heightmaps[fill]
             )
             scores = evaluate_segmentation(segmentation, gt, top_k=0)
-            row = {"model": name, "oracle": setting[0], "bias": setting[1], "background": setting[2],
+            row = {"model": name, "oracle": setting[0], "weights": setting[1], "background": setting[2],
                    "min_size": min_size, "fill": fill,
                    "split": scores.vi_split, "merge": scores.vi_merge, "vi": scores.vi_total, "arand": scores.arand}
-            print(f"{name:<12} {setting[0]:>6} {setting[1]:>5} {setting[2]:>6} {min_size:>6} {fill:<10} "
+            print(f"{name:<12} {setting[0]:>6} {setting[1]:>7} {setting[2]:>6} {min_size:>6} {fill:<10} "
                   f"{row['split']:8.4f} {row['merge']:8.4f} {row['vi']:8.4f} {row['arand']:7.4f}", flush=True)
             rows.append(row)
     return rows
@@ -128,7 +153,7 @@ def summary(rows: list[dict]) -> None:
     """Per setting: mean VI per set, the joint mean of set means, mean ARAND per set."""
     by_setting: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        setting = (row["oracle"], row["fill"], row["bias"], row["background"], row["min_size"])
+        setting = (row["oracle"], row["fill"], row["weights"], row["background"], row["min_size"])
         by_setting[setting][row["model"].split(":")[0]].append(row)
     sets = sorted({row["model"].split(":")[0] for row in rows})
     joint = {}
@@ -136,7 +161,7 @@ def summary(rows: list[dict]) -> None:
         joint[setting] = statistics.mean(statistics.mean(r["vi"] for r in per_set[s]) for s in sets)
     real = [setting for setting in joint if setting[0] == "none"] or list(joint)  # an oracle is a bound, not a choice
     best = min(real, key=joint.get)
-    print(f"\n| oracle | fill | MWS bias | background | min size | "
+    print(f"\n| oracle | fill | MWS weights | background | min size | "
           f"{' | '.join(f'{s} VI (mean, n)' for s in sets)} | joint VI | {' | '.join(f'{s} ARAND' for s in sets)} |")
     print("|---|---|---:|---:|---:|" + "---:|" * (2 * len(sets) + 1))
     for setting in sorted(by_setting):
@@ -155,9 +180,10 @@ def main() -> None:
     parser.add_argument("--min-sizes", nargs="+", type=int, default=[20, 100, 300, 1000])
     parser.add_argument("--fills", nargs="+", default=["watershed", "nearest"])
     parser.add_argument("--mws-biases", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--foreground-powers", nargs="+", type=float, default=[])
     parser.add_argument("--oracles", nargs="+", choices=["none", "fn", "fp", "both", "fill"], default=["none"])
     args = parser.parse_args()
-    print(f"{'model':<12} {'oracle':>6} {'bias':>5} {'bg':>6} {'min':>6} {'fill':<10} {'split':>8} {'merge':>8} "
+    print(f"{'model':<12} {'oracle':>6} {'weights':>7} {'bg':>6} {'min':>6} {'fill':<10} {'split':>8} {'merge':>8} "
           f"{'VI':>8} {'ARAND':>7}")
     rows = []
     for name, config, results, gt in args.model:
