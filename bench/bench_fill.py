@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import statistics
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -49,7 +50,7 @@ from melecole.config import load_cfg
 from melecole.data.dataset import mask_boundaries
 from melecole.evaluation.metrics import evaluate_segmentation
 from melecole.segmentation.mws import mutex_watershed, mws_weights
-from melecole.segmentation.options import build_segmentation_options
+from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
 from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 from melecole.segmentation.volume import agglomerate_segments
 from melecole.utils.offsets import offset_slices
@@ -80,10 +81,10 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
         corrected = oracle_foreground(foreground, target, oracle)
         filled_from = oracle_foreground(foreground, target, "both") if oracle == "fill" else corrected
         heightmaps = {fill: fill_heightmap(filled_from, fill) for fill in args.fills}
-        for variant, biased in mws_variants(weights, corrected, options, args):
+        for variant, variant_weights in mws_variants(weights, corrected, options, args):
             for background in args.backgrounds:
                 labels = mutex_watershed(
-                    biased, options.offsets, foreground=corrected, background_threshold=background,
+                    variant_weights, options.offsets, foreground=corrected, background_threshold=background,
                     strides=options.strides, weights_ready=True,
                 )
                 if options.agglomeration != "none":
@@ -92,7 +93,9 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     return rows
 
 
-def mws_variants(weights: np.ndarray, foreground: np.ndarray, options, args: argparse.Namespace):
+def mws_variants(
+    weights: np.ndarray, foreground: np.ndarray, options: SegmentationOptions, args: argparse.Namespace
+) -> Iterator[tuple[str, np.ndarray]]:
     """(name, weights) of the voxel MWS per ``--mws-biases`` value (bias ``b``: mutex weights + b) and per
     ``--foreground-powers`` value (``fg^k``: attractive weights x min(foreground of both ends) ** k; 0 adds
     nothing); ``"0"`` = the weights as they are."""
