@@ -49,7 +49,7 @@ import numpy as np
 from melecole.config import load_cfg
 from melecole.data.dataset import mask_boundaries
 from melecole.evaluation.metrics import evaluate_segmentation
-from melecole.segmentation.mws import mutex_watershed, mws_weights
+from melecole.segmentation.mws import foreground_mask, mutex_watershed, mws_weights
 from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
 from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 from melecole.segmentation.volume import agglomerate_segments
@@ -72,8 +72,9 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
     gt = _read(Path(gt_path), cfg.DATASET.LABEL_KEY)
     target = mask_boundaries(gt, cfg.DATASET.BOUNDARY_WIDTH, cfg.DATASET.BACKGROUND_WIDTH) != 0
     for background in args.backgrounds:
-        print(f"{name:<12} foreground head at {background}: {np.mean(foreground[target] < background):.3f} of the "
-              f"target foreground below, {np.mean(foreground[~target] >= background):.3f} of the target background "
+        seeds = foreground_mask(foreground, background)  # the mask the voxel MWS gets
+        print(f"{name:<12} foreground head at {background}: {np.mean(~seeds[target]):.3f} of the "
+              f"target foreground below, {np.mean(seeds[~target]):.3f} of the target background "
               f"at or above", flush=True)
     weights = mws_weights(affinities, options.num_attractive)
     rows = []
@@ -106,11 +107,11 @@ def mws_variants(
         biased = weights.copy()
         biased[options.num_attractive:] += np.float32(bias)
         yield f"{bias:+g}", biased
+    values = foreground.astype(np.float32) if any(args.foreground_powers) else None
     for power in args.foreground_powers:
         if not power:
             continue
         scaled = weights.copy()
-        values = foreground.astype(np.float32)
         for channel in range(options.num_attractive):
             slices = offset_slices(values.shape, options.offsets[channel])
             if slices is not None:
