@@ -20,8 +20,8 @@ watershed literature. Only the voxel MWS sees it; the agglomeration's region gra
 weights, and its threshold stays the config's.
 
 ``--foreground-powers``: scale the voxel MWS's attractive weights by min(foreground of both voxels) ** k,
-so edges through voxels the head is less sure of are drawn later (k = 0: off). Like the bias, only the
-voxel MWS sees it.
+so edges through voxels the head is less sure of are drawn later (k = 0: off): INFERENCE.MWS_FOREGROUND_POWER,
+each k in place of the config's. Like the bias, only the voxel MWS sees it (in every schedule).
 
 ``--oracles``: bound what a better foreground head could gain. The head's target is the ground truth
 after DATASET.BOUNDARY_WIDTH / BACKGROUND_WIDTH (what training asks of it: label != 0); ``fn`` sets the
@@ -49,11 +49,10 @@ import numpy as np
 from melecole.config import load_cfg
 from melecole.data.dataset import mask_boundaries
 from melecole.evaluation.metrics import evaluate_segmentation
-from melecole.segmentation.mws import foreground_mask, mutex_watershed, mws_weights
+from melecole.segmentation.mws import foreground_mask, foreground_weighted, mutex_watershed, mws_weights
 from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
 from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 from melecole.segmentation.volume import agglomerate_segments
-from melecole.utils.offsets import offset_slices
 
 
 def _read(path: Path, key: str) -> np.ndarray:
@@ -98,25 +97,22 @@ def mws_variants(
     weights: np.ndarray, foreground: np.ndarray, options: SegmentationOptions, args: argparse.Namespace
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(name, weights) of the voxel MWS per ``--mws-biases`` value (bias ``b``: mutex weights + b) and per
-    ``--foreground-powers`` value (``fg^k``: attractive weights x min(foreground of both ends) ** k; 0 adds
-    nothing); ``"0"`` = the weights as they are."""
+    ``--foreground-powers`` value (``fg^k``: attractive weights x min(foreground of both ends) ** k in place
+    of the config's INFERENCE.MWS_FOREGROUND_POWER; 0 adds nothing); ``"0"`` = the weights as ``infer.py``
+    gives them to the voxel MWS (the config's power applied), which the biases start from too."""
+    configured = weights
+    if options.foreground_power:
+        configured = foreground_weighted(weights.copy(), foreground, options.offsets, options.foreground_power)
     for bias in args.mws_biases:
         if not bias:
-            yield "0", weights
+            yield "0", configured
             continue
-        biased = weights.copy()
+        biased = configured.copy()
         biased[options.num_attractive:] += np.float32(bias)
         yield f"{bias:+g}", biased
-    values = foreground.astype(np.float32) if any(args.foreground_powers) else None
     for power in args.foreground_powers:
-        if not power:
-            continue
-        scaled = weights.copy()
-        for channel in range(options.num_attractive):
-            slices = offset_slices(values.shape, options.offsets[channel])
-            if slices is not None:
-                scaled[channel][slices[0]] *= np.minimum(values[slices[0]], values[slices[1]]) ** np.float32(power)
-        yield f"fg^{power:g}", scaled
+        if power:  # INFERENCE.MWS_FOREGROUND_POWER, as every schedule applies it
+            yield f"fg^{power:g}", foreground_weighted(weights.copy(), foreground, options.offsets, power)
 
 
 def oracle_foreground(foreground: np.ndarray, target: np.ndarray, oracle: str) -> np.ndarray:

@@ -86,6 +86,7 @@ BAD_VALUES = [
     ("DATASET.MAX_REDRAWS", "-1", "DATASET.MAX_REDRAWS: got -1"),
     ("HARDWARE.NUM_THREADS", "-3", "HARDWARE.NUM_THREADS: got -3, expected a value >= 0"),
     ("INFERENCE.MIN_SEGMENT_SIZE", "-5", "INFERENCE.MIN_SEGMENT_SIZE: got -5, expected a value >= 0"),
+    ("INFERENCE.MWS_FOREGROUND_POWER", "-1", "INFERENCE.MWS_FOREGROUND_POWER: got -1.0, expected a value >= 0"),
     ("INFERENCE.OFFSETS", "[[0, 0, 0], [0, -1, 0], [0, 0, -1]]", r"INFERENCE.OFFSETS: got the zero offset \[0, 0, 0\]"),
     ("INFERENCE.OFFSETS", "[[-1.5, 0, 0], [0, -1, 0], [0, 0, -1]]", "INFERENCE.OFFSETS: got .*integer triplets"),
     ("INFERENCE.OFFSETS", "[[-1, 0, 0], [0, -5, 0], [0, 0, -5]]", "INFERENCE.OFFSETS: got .* 3 nearest-neighbour"),

@@ -7,7 +7,7 @@ import pytest
 
 from melecole.config import get_default_cfg
 from melecole.inference.affinities import affinities_from_labels
-from melecole.segmentation.mws import mutex_watershed, mws_weights
+from melecole.segmentation.mws import foreground_weighted, mutex_watershed, mws_weights
 from melecole.utils.offsets import number_of_attractive_channels, offset_valid_mask
 
 OFFSETS = [list(offset) for offset in get_default_cfg().INFERENCE.OFFSETS]  # the 12 default offsets
@@ -165,3 +165,63 @@ def test_shape_errors() -> None:
         mutex_watershed(np.zeros((2, 2, 2, 2), np.float32), OFFSETS)
     with pytest.raises(ValueError, match="foreground shape"):
         mutex_watershed(np.zeros((12, 2, 2, 2), np.float32), OFFSETS, foreground=np.zeros((2, 2)))
+
+
+def test_foreground_power_scales_each_attractive_edge_by_its_weaker_end() -> None:
+    rng = np.random.default_rng(0)
+    shape = (4, 7, 9)
+    affinities = rng.random((len(OFFSETS), *shape)).astype(np.float32)
+    foreground = rng.uniform(0.3, 1.0, shape).astype(np.float16)  # a stored map: scaled as its float32 values
+    num_attractive = number_of_attractive_channels(OFFSETS)
+    weights = mws_weights(affinities, num_attractive)
+    scaled = foreground_weighted(weights.copy(), foreground, OFFSETS, 2.5)
+    values = foreground.astype(np.float64)
+    for channel, offset in enumerate(OFFSETS):
+        for p in np.ndindex(shape):
+            q = tuple(a + b for a, b in zip(p, offset))
+            inside = all(0 <= v < size for v, size in zip(q, shape))
+            factor = min(values[p], values[q]) ** 2.5 if channel < num_attractive and inside else 1.0
+            assert scaled[(channel, *p)] == pytest.approx(weights[(channel, *p)] * factor, rel=1e-5)
+    assert foreground_weighted(weights, foreground, OFFSETS, 0) is weights
+    with pytest.raises(ValueError, match="foreground power -1"):
+        foreground_weighted(weights, foreground, OFFSETS, -1)
+
+
+def _leaky_interface() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two boxes (x < 8, x >= 8) whose interface leaks: attractive 0.95 across it, mutex edges across it
+    only 0.7 strong; the foreground head is unsure (0.6) on the two interface columns, sure (1) elsewhere."""
+    labels = np.ones((4, 12, 16), dtype=np.uint32)
+    labels[..., 8:] = 2
+    affinities = affinities_from_labels(labels, OFFSETS)
+    num_attractive = number_of_attractive_channels(OFFSETS)
+    x_channel = next(c for c, o in enumerate(OFFSETS[:num_attractive]) if list(o) == [0, 0, -1])
+    affinities[x_channel][..., 8] = 0.95  # the pair (x = 8, x = 7)
+    across = affinities[num_attractive:] == 0
+    affinities[num_attractive:][across] = 0.3
+    foreground = np.ones(labels.shape, dtype=np.float32)
+    foreground[..., 7:9] = 0.6
+    return labels, affinities, foreground
+
+
+def test_foreground_power_delays_a_merge_through_an_unsure_wall() -> None:
+    labels, affinities, foreground = _leaky_interface()
+    plain = mutex_watershed(affinities, OFFSETS, foreground=foreground, background_threshold=0.5)
+    assert len(np.unique(plain)) == 1  # the leak (0.95) is drawn before the mutex edges (0.7)
+    weighted = mutex_watershed(
+        affinities, OFFSETS, foreground=foreground, background_threshold=0.5, foreground_power=3
+    )
+    assert _same_partition(weighted, labels)
+    # Without a foreground map there is nothing to weight by: the plain result.
+    np.testing.assert_array_equal(mutex_watershed(affinities, OFFSETS, foreground_power=3),
+                                  mutex_watershed(affinities, OFFSETS))
+
+
+def test_foreground_power_leaves_the_callers_weights_untouched() -> None:
+    labels, affinities, foreground = _leaky_interface()
+    weights = mws_weights(affinities, number_of_attractive_channels(OFFSETS))
+    before = weights.copy()
+    ready = mutex_watershed(weights, OFFSETS, foreground=foreground, background_threshold=0.5, weights_ready=True,
+                            foreground_power=3)
+    np.testing.assert_array_equal(weights, before)
+    np.testing.assert_array_equal(ready, mutex_watershed(affinities, OFFSETS, foreground=foreground,
+                                                         background_threshold=0.5, foreground_power=3))

@@ -84,11 +84,12 @@ def run_pipeline(volume, options, mode, threshold):
     return segment_volume(weights, volume["foreground"], settings, options.background)
 
 
-@pytest.mark.parametrize("fill", (True, False))
-def test_table_scores_equal_voxel_evaluation_of_infer_segmentation(volume, fill):
+@pytest.mark.parametrize("fill, power", ((True, 0.0), (False, 0.0), (True, 3.0)))
+def test_table_scores_equal_voxel_evaluation_of_infer_segmentation(volume, fill, power):
     cfg = get_default_cfg()
     cfg.INFERENCE.MIN_SEGMENT_SIZE = 40
     cfg.INFERENCE.FILL_BACKGROUND = fill
+    cfg.INFERENCE.MWS_FOREGROUND_POWER = power
     problem, options = volume_problem(volume["affinities"], volume["foreground"], volume["gt"], cfg)
     assert (problem.overlaps.fragments == 0).any()  # the watershed left background
     thresholds = (0.3, 0.6, 0.8)

@@ -223,6 +223,10 @@ _C.INFERENCE.BLENDING = "gaussian"
 _C.INFERENCE.BATCH_SIZE = 4
 # Voxels with foreground probability below this are label 0 in the segmentation.
 _C.INFERENCE.MWS_BACKGROUND = 0.5
+# k > 0: the voxel mutex watershed's attractive weights are multiplied by min(foreground of both
+# voxels) ** k, so edges through voxels the foreground head is less sure of are drawn later (infer.py,
+# blockwise `mws` fragments and melecole-tune alike). 0 = off.
+_C.INFERENCE.MWS_FOREGROUND_POWER = 0.0
 # Sub-sample mutex edges by these strides (z, y, x); [1, 1, 1] keeps all.
 _C.INFERENCE.MWS_STRIDES = [1, 1, 1]
 _C.INFERENCE.MWS_RANDOMIZED_STRIDES = False

@@ -82,9 +82,11 @@ def mws_fragments(
     foreground: np.ndarray | None,
     background_threshold: float,
     strides: Sequence[int] | None = None,
+    foreground_power: float = 0.0,
 ) -> np.ndarray:
     """Voxel mutex watershed of a (padded) block: uint64 (Z, Y, X), 0 = background."""
-    return mutex_watershed(affinities, offsets, foreground, background_threshold, strides)
+    return mutex_watershed(affinities, offsets, foreground, background_threshold, strides,
+                           foreground_power=foreground_power)
 
 
 def watershed_fragments(
@@ -168,7 +170,10 @@ class FragmentAlgorithm:
 
 # Name -> algorithm: BLOCKWISE.FRAGMENTS, --fragments and the config validation read this table.
 FRAGMENT_ALGORITHMS: dict[str, FragmentAlgorithm] = {
-    "mws": FragmentAlgorithm(mws_fragments, "all", True, {"strides": "INFERENCE.MWS_STRIDES"}, 600.0),
+    "mws": FragmentAlgorithm(
+        mws_fragments, "all", True,
+        {"strides": "INFERENCE.MWS_STRIDES", "foreground_power": "INFERENCE.MWS_FOREGROUND_POWER"}, 600.0,
+    ),
     "watershed": FragmentAlgorithm(
         watershed_fragments, "attractive", False,
         {"interior_threshold": "BLOCKWISE.WATERSHED_THRESHOLD", "seed_sigma": "BLOCKWISE.SEED_SIGMA"}, 210.0,

@@ -13,9 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from melecole.utils.offsets import Offsets, number_of_attractive_channels
+from melecole.utils.offsets import Offsets, number_of_attractive_channels, offset_slices
 
-__all__ = ["foreground_mask", "mutex_watershed", "mws_weights", "number_of_attractive_channels"]
+__all__ = [
+    "foreground_mask", "foreground_weighted", "mutex_watershed", "mws_weights", "number_of_attractive_channels",
+]
 
 
 def mws_weights(affinities: np.ndarray, num_attractive: int, in_place: bool = False) -> np.ndarray:
@@ -62,6 +64,40 @@ def foreground_mask(foreground: np.ndarray, background_threshold: float) -> np.n
     return foreground >= background_threshold  # float32 / float64 / integers: numpy compares exactly
 
 
+def foreground_weighted(
+    weights: np.ndarray, foreground: np.ndarray, offsets: Offsets, power: float
+) -> np.ndarray:
+    """Scales the attractive weights in place: edge (p, p + o) times min(foreground[p], foreground[p + o]) ** power.
+
+    INFERENCE.MWS_FOREGROUND_POWER: edges through voxels the foreground head is less sure of are drawn
+    later, so a wall the head reads as thin (but above the background threshold) delays the merge across
+    it instead of being crossed in the order of the embeddings' affinities alone. Mutex edges keep their
+    weights. The foreground is compared in float32 (float16 maps are widened exactly), so every schedule
+    scales the same stored map to the same weights. ``power`` 0 leaves ``weights`` as they are.
+
+    Args:
+        weights: (C, Z, Y, X) float32 / float64 engine weights (:func:`mws_weights`), changed in place.
+        foreground: (Z, Y, X) foreground probability.
+        offsets: C offsets, the nearest-neighbour (attractive) ones first.
+        power: the exponent k >= 0.
+
+    Returns:
+        ``weights``.
+    """
+    if power == 0:
+        return weights
+    if power < 0:
+        raise ValueError(f"foreground power {power}, expected >= 0")
+    values = np.asarray(foreground, dtype=np.float32)
+    exponent = weights.dtype.type(power)
+    for channel in range(number_of_attractive_channels(offsets)):
+        slices = offset_slices(values.shape, offsets[channel])
+        if slices is not None:
+            factor = np.minimum(values[slices[0]], values[slices[1]]).astype(weights.dtype, copy=False)
+            weights[channel][slices[0]] *= factor**exponent
+    return weights
+
+
 def mutex_watershed(
     affinities: np.ndarray,
     offsets: Offsets,
@@ -72,6 +108,7 @@ def mutex_watershed(
     *,
     weights_ready: bool = False,
     in_place: bool = False,
+    foreground_power: float = 0.0,
 ) -> np.ndarray:
     """Segments affinities with the mutex watershed.
 
@@ -89,6 +126,9 @@ def mutex_watershed(
         weights_ready: ``affinities`` already holds engine weights (from :func:`mws_weights`), so
             several thresholds can share one conversion.
         in_place: convert ``affinities`` to weights in place (it is overwritten).
+        foreground_power: k > 0 scales the attractive weights by the foreground of both ends to the k
+            (:func:`foreground_weighted`, INFERENCE.MWS_FOREGROUND_POWER); on a copy when the weights are
+            the caller's (``weights_ready``). Ignored without ``foreground``.
 
     Returns:
         uint64 (Z, Y, X) labels, consecutive from 1; 0 = background (masked) voxels.
@@ -105,6 +145,8 @@ def mutex_watershed(
         weights = affinities
         if weights.dtype not in (np.float32, np.float64):
             weights = weights.astype(np.float32)
+        elif foreground_power and foreground is not None:
+            weights = weights.copy()  # the caller's weights stay as they are (the agglomeration reads them)
     else:
         weights = mws_weights(affinities, num_attractive, in_place=in_place)
 
@@ -113,6 +155,7 @@ def mutex_watershed(
         foreground = np.asarray(foreground)
         if foreground.shape != affinities.shape[1:]:
             raise ValueError(f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}")
+        foreground_weighted(weights, foreground, offsets, foreground_power)
         mask = foreground_mask(foreground, background_threshold)
         if mask.all():
             mask = None  # nothing masked: skip the engine's per-channel mask pass

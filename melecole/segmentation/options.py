@@ -29,6 +29,8 @@ class SegmentationOptions:
     Attributes:
         offsets: C offsets (dz, dy, dx), nearest-neighbour ones first (INFERENCE.OFFSETS).
         background: foreground probability below which voxels are background (INFERENCE.MWS_BACKGROUND).
+        foreground_power: the voxel MWS's attractive weights x min(foreground of both ends) ** this
+            (INFERENCE.MWS_FOREGROUND_POWER; 0 = off).
         strides: mutex-edge strides (z, y, x) of the voxel MWS (INFERENCE.MWS_STRIDES).
         randomized: random instead of regular strides (whole volume only).
         min_segment_size: segments with fewer voxels become 0 (INFERENCE.MIN_SEGMENT_SIZE).
@@ -45,6 +47,7 @@ class SegmentationOptions:
 
     offsets: tuple[Triple, ...]
     background: float = 0.5
+    foreground_power: float = 0.0
     strides: Triple = (1, 1, 1)
     randomized: bool = False
     min_segment_size: int = 0
@@ -81,6 +84,7 @@ class SegmentationOptions:
         """The whole-volume settings as HDF5 dataset attributes (``background`` overrides the threshold)."""
         return {
             "background_threshold": self.background if background is None else background,
+            "foreground_power": self.foreground_power,
             "strides": list(self.strides),
             "randomized_strides": self.randomized,
             "min_segment_size": self.min_segment_size,
@@ -141,6 +145,7 @@ def build_segmentation_options(
     common = dict(
         offsets=offsets,
         background=float(cfg.INFERENCE.MWS_BACKGROUND),
+        foreground_power=float(cfg.INFERENCE.MWS_FOREGROUND_POWER),
         strides=config_triple(cfg.INFERENCE.MWS_STRIDES, "INFERENCE.MWS_STRIDES"),
         randomized=bool(cfg.INFERENCE.MWS_RANDOMIZED_STRIDES),
         min_segment_size=int(cfg.INFERENCE.MIN_SEGMENT_SIZE),

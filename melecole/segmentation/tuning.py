@@ -299,6 +299,7 @@ def volume_fragments(
     labels = mutex_watershed(
         weights, options.offsets, foreground=foreground, background_threshold=background,
         strides=options.strides, randomized=options.randomized, weights_ready=True,
+        foreground_power=options.foreground_power,
     )
     whole = tuple(slice(0, size) for size in labels.shape)
     graph = block_region_graph(labels, weights, options.offsets, whole, mws_weights=True)

@@ -57,6 +57,7 @@ def segment_volume(
     labels = mutex_watershed(
         weights, options.offsets, foreground=foreground, background_threshold=background,
         strides=options.strides, randomized=options.randomized, weights_ready=True,
+        foreground_power=options.foreground_power,
     )
     if options.agglomeration != "none":
         labels = agglomerate_segments(labels, weights, options)

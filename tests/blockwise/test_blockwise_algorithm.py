@@ -246,23 +246,25 @@ def test_block_fragments_crop_and_renumber(blockwise_cfg):
     assert same_partition(fragments, labels[inner])
 
 
-@pytest.mark.parametrize("mode", ["mws", "mean"])
-def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwise_cfg, mode):
+@pytest.mark.parametrize("mode, power", [("mws", 0.0), ("mean", 0.0), ("mean", 3.0)])
+def test_infer_agglomeration_equals_blockwise_mws_fragments_on_one_block(blockwise_cfg, mode, power):
     """INFERENCE.AGGLOMERATION in the whole-volume pipeline is the blockwise algorithm (mws fragments)
-    on one block: the same partition, and it merges the noisy voxel MWS's pieces."""
+    on one block: the same partition, and it merges the noisy voxel MWS's pieces; with
+    INFERENCE.MWS_FOREGROUND_POWER both schedules weight the voxel MWS by the same foreground."""
     from melecole.inference.pipeline import segment_affinities as pipeline_segment
     from melecole.segmentation.options import build_segmentation_options
 
     labels = voronoi_labels()
     affinities = noisy_affinities(labels, blockwise_cfg.INFERENCE.OFFSETS, noise=0.2)
-    foreground = np.full(labels.shape, 0.9, np.float32)
+    foreground = np.random.default_rng(1).uniform(0.6, 1.0, labels.shape).astype(np.float32)
     cfg = blockwise_cfg.clone()
+    cfg.INFERENCE.MWS_FOREGROUND_POWER = power
     cfg.INFERENCE.AGGLOMERATION, cfg.INFERENCE.AGGLOMERATION_THRESHOLD = mode, 0.6
     cfg.BLOCKWISE.AGGLOMERATION, cfg.BLOCKWISE.THRESHOLD = mode, 0.6
     cfg.BLOCKWISE.MIN_FRAGMENT_SIZE = 0  # every voxel-MWS segment a node, as in the pipeline
     segmented = pipeline_segment(affinities, foreground, build_segmentation_options(cfg, "volume"))
     merged, attrs = segmented["segmentation"]
-    assert attrs["agglomeration"] == mode
+    assert attrs["agglomeration"] == mode and attrs["foreground_power"] == power
     options = build_options(cfg, block_shape=labels.shape, fragments="mws")
     expected, _ = segment_blockwise_in_memory(affinities, options, foreground)
     assert same_partition(merged, expected)
