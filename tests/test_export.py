@@ -207,3 +207,19 @@ def test_onnx_runtime_group_norm_stays_exact_on_a_large_window():
     with torch.no_grad():
         expected = model(raw)["embedding"].numpy()
     np.testing.assert_allclose(embedding, expected, atol=1e-4, rtol=0)
+
+
+def test_bioimageio_documentation_states_the_configs_segmentation_steps():
+    from melecole.config import load_cfg
+    from melecole.export.bioimageio import _segmentation_steps
+
+    plain = _segmentation_steps(load_cfg(None))
+    assert "min(foreground" not in plain and "Agglomeration" not in plain
+    assert "3. **Clean-up**: segments under 20 voxels" in plain and "watershed of the segments" in plain
+    assert "nearest segment" in _segmentation_steps(load_cfg(None, ["INFERENCE.FILL_MODE", "nearest"]))
+    assert "stay 0" in _segmentation_steps(load_cfg(None, ["INFERENCE.FILL_BACKGROUND", "False"]))
+    shipped = _segmentation_steps(load_cfg(str(Path(__file__).resolve().parents[1] / "configs/medulla-UNet3D.yaml")))
+    assert "min(foreground of its two voxels)^3;" in shipped and "below 0.98 are" in shipped
+    assert "3. **Agglomeration**" in shipped and "(gasp_signed,\n   threshold 0.6)" in shipped
+    assert "4. **Clean-up**: segments under 300 voxels" in shipped
+    assert "watershed of the segments on 1 - foreground" in shipped

@@ -109,6 +109,31 @@ def describe_package(exported: Any, folder: Path, license: str = DEFAULT_LICENSE
     }
 
 
+def _segmentation_steps(cfg: Any) -> str:
+    """Steps 2 and on of the documentation's post-processing, with this config's segmentation settings."""
+    inference = cfg.INFERENCE
+    watershed = ("2. **Mutex watershed**: nearest-neighbour channels attract with weight a, long-range channels "
+                 "repel with\n   weight 1 - a")
+    if float(inference.MWS_FOREGROUND_POWER) > 0:
+        watershed += (f", each attractive weight multiplied by min(foreground of its two voxels)^"
+                      f"{float(inference.MWS_FOREGROUND_POWER):g}")
+    watershed += (f"; voxels whose foreground probability is below {float(inference.MWS_BACKGROUND):g} are "
+                  "left\n   out (label 0).")
+    steps = [watershed]
+    if inference.AGGLOMERATION != "none":
+        steps.append(f"{len(steps) + 2}. **Agglomeration**: the watershed's segments are merged on their region "
+                     f"graph ({inference.AGGLOMERATION},\n   threshold {float(inference.AGGLOMERATION_THRESHOLD):g}).")
+    if not inference.FILL_BACKGROUND:
+        fill = "background voxels stay 0"
+    elif inference.FILL_MODE == "watershed":
+        fill = "background voxels are filled by a watershed of the segments on 1 - foreground"
+    else:
+        fill = "background voxels take the label of the nearest segment"
+    steps.append(f"{len(steps) + 2}. **Clean-up**: segments under {int(inference.MIN_SEGMENT_SIZE)} voxels are "
+                 f"removed and\n   {fill}.")
+    return "\n".join(steps)
+
+
 def _documentation(exported: Any, source: str, manifest: dict[str, Any] | None) -> str:
     """documentation.md: the model, its inputs and outputs, and the post-processing with this checkpoint's values."""
     cfg, settings = exported.cfg, exported.affinity_settings
@@ -155,11 +180,7 @@ The package stops at the network outputs; MeLeCoLe (`melecole-infer`) does the r
    {list(cfg.INFERENCE.STRIDE) or 'half the window'}, a margin of {list(cfg.INFERENCE.MARGIN)} voxels is
    cropped, and affinities (not embeddings: two windows' embeddings need not share a frame) are blended
    with {cfg.INFERENCE.BLENDING} weights. Test-time augmentation: {cfg.INFERENCE.TTA}.
-2. **Mutex watershed**: nearest-neighbour channels attract with weight a, long-range channels repel with
-   weight 1 - a; voxels whose foreground probability is below {cfg.INFERENCE.MWS_BACKGROUND:g} are left
-   out (label 0).
-3. **Clean-up**: segments under {cfg.INFERENCE.MIN_SEGMENT_SIZE} voxels are removed and background voxels
-   take the label of the nearest segment.
+{_segmentation_steps(cfg)}
 
 ## Validation
 
