@@ -127,8 +127,9 @@ def mutex_watershed(
             several thresholds can share one conversion.
         in_place: convert ``affinities`` to weights in place (it is overwritten).
         foreground_power: k > 0 scales the attractive weights by the foreground of both ends to the k
-            (:func:`foreground_weighted`, INFERENCE.MWS_FOREGROUND_POWER); on a copy when the weights are
-            the caller's (``weights_ready``). Ignored without ``foreground``.
+            (:func:`foreground_weighted`, INFERENCE.MWS_FOREGROUND_POWER). With ``weights_ready`` the
+            caller's weights are scaled in place for the engine and their attractive channels put back
+            afterwards (a copy of those channels only). Ignored without ``foreground``.
 
     Returns:
         uint64 (Z, Y, X) labels, consecutive from 1; 0 = background (masked) voxels.
@@ -141,32 +142,40 @@ def mutex_watershed(
             f"affinities must be (C, Z, Y, X) with C = len(offsets) = {len(offsets)}, got shape {affinities.shape}"
         )
     num_attractive = number_of_attractive_channels(offsets)
+    borrowed = weights_ready  # the caller's weights: whatever is changed here is put back
     if weights_ready:
         weights = affinities
         if weights.dtype not in (np.float32, np.float64):
-            weights = weights.astype(np.float32)
-        elif foreground_power and foreground is not None:
-            weights = weights.copy()  # the caller's weights stay as they are (the agglomeration reads them)
+            weights, borrowed = weights.astype(np.float32), False
     else:
         weights = mws_weights(affinities, num_attractive, in_place=in_place)
 
     mask = None
+    saved = None
     if foreground is not None:
         foreground = np.asarray(foreground)
         if foreground.shape != affinities.shape[1:]:
             raise ValueError(f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}")
-        foreground_weighted(weights, foreground, offsets, foreground_power)
+        if foreground_power and borrowed:
+            # Only the attractive channels change: keep them (3 of 12 channels) instead of copying all.
+            saved = weights[:num_attractive].copy()
         mask = foreground_mask(foreground, background_threshold)
         if mask.all():
             mask = None  # nothing masked: skip the engine's per-channel mask pass
     # All-ones strides keep every edge; passing None skips the engine's stride pass.
     stride_list = [int(s) for s in strides] if strides is not None and any(int(s) != 1 for s in strides) else None
-    labels = engine(
-        weights,
-        [[int(v) for v in offset] for offset in offsets],
-        num_attractive,
-        strides=stride_list,
-        randomized_strides=bool(randomized and stride_list is not None),
-        mask=mask,
-    )
+    try:
+        if foreground is not None:
+            foreground_weighted(weights, foreground, offsets, foreground_power)
+        labels = engine(
+            weights,
+            [[int(v) for v in offset] for offset in offsets],
+            num_attractive,
+            strides=stride_list,
+            randomized_strides=bool(randomized and stride_list is not None),
+            mask=mask,
+        )
+    finally:
+        if saved is not None:
+            weights[:num_attractive] = saved  # the agglomeration reads the caller's weights afterwards
     return labels.astype(np.uint64, copy=False)
