@@ -98,6 +98,18 @@ def foreground_weighted(
     return weights
 
 
+def _engine_weights(
+    affinities: np.ndarray, num_attractive: int, weights_ready: bool, in_place: bool
+) -> tuple[np.ndarray, bool]:
+    """(float32 / float64 engine weights, whether they are the caller's array: what is changed in it must be
+    put back)."""
+    if not weights_ready:
+        return mws_weights(affinities, num_attractive, in_place=in_place), False
+    if affinities.dtype not in (np.float32, np.float64):
+        return affinities.astype(np.float32), False
+    return affinities, True
+
+
 def mutex_watershed(
     affinities: np.ndarray,
     offsets: Offsets,
@@ -142,13 +154,7 @@ def mutex_watershed(
             f"affinities must be (C, Z, Y, X) with C = len(offsets) = {len(offsets)}, got shape {affinities.shape}"
         )
     num_attractive = number_of_attractive_channels(offsets)
-    borrowed = weights_ready  # the caller's weights: whatever is changed here is put back
-    if weights_ready:
-        weights = affinities
-        if weights.dtype not in (np.float32, np.float64):
-            weights, borrowed = weights.astype(np.float32), False
-    else:
-        weights = mws_weights(affinities, num_attractive, in_place=in_place)
+    weights, borrowed = _engine_weights(affinities, num_attractive, weights_ready, in_place)
 
     mask = None
     saved = None
