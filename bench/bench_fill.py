@@ -49,7 +49,7 @@ import numpy as np
 from melecole.config import load_cfg
 from melecole.data.dataset import mask_boundaries
 from melecole.evaluation.metrics import evaluate_segmentation
-from melecole.segmentation.mws import foreground_mask, foreground_weighted, mutex_watershed, mws_weights
+from melecole.segmentation.mws import foreground_mask, mutex_watershed, mws_weights
 from melecole.segmentation.options import SegmentationOptions, build_segmentation_options
 from melecole.segmentation.postprocess import fill_heightmap, postprocess_segmentation
 from melecole.segmentation.volume import agglomerate_segments
@@ -81,11 +81,11 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
         corrected = oracle_foreground(foreground, target, oracle)
         filled_from = oracle_foreground(foreground, target, "both") if oracle == "fill" else corrected
         heightmaps = {fill: fill_heightmap(filled_from, fill) for fill in args.fills}
-        for variant, variant_weights in mws_variants(weights, corrected, options, args):
+        for variant, variant_weights, power in mws_variants(weights, options, args):
             for background in args.backgrounds:
                 labels = mutex_watershed(
                     variant_weights, options.offsets, foreground=corrected, background_threshold=background,
-                    strides=options.strides, weights_ready=True,
+                    strides=options.strides, weights_ready=True, foreground_power=power,
                 )
                 if options.agglomeration != "none":
                     labels = agglomerate_segments(labels, weights, dataclasses.replace(options, background=background))
@@ -94,25 +94,22 @@ def sweep_model(name: str, config: str, results: Path, gt_path: str, args: argpa
 
 
 def mws_variants(
-    weights: np.ndarray, foreground: np.ndarray, options: SegmentationOptions, args: argparse.Namespace
-) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, weights) of the voxel MWS per ``--mws-biases`` value (bias ``b``: mutex weights + b) and per
-    ``--foreground-powers`` value (``fg^k``: attractive weights x min(foreground of both ends) ** k in place
-    of the config's INFERENCE.MWS_FOREGROUND_POWER; 0 adds nothing); ``"0"`` = the weights as ``infer.py``
-    gives them to the voxel MWS (the config's power applied), which the biases start from too."""
-    configured = weights
-    if options.foreground_power:
-        configured = foreground_weighted(weights.copy(), foreground, options.offsets, options.foreground_power)
+    weights: np.ndarray, options: SegmentationOptions, args: argparse.Namespace
+) -> Iterator[tuple[str, np.ndarray, float]]:
+    """(name, weights, foreground power) of the voxel MWS per ``--mws-biases`` value (bias ``b``: mutex
+    weights + b, at the config's INFERENCE.MWS_FOREGROUND_POWER) and per ``--foreground-powers`` value
+    (``fg^k``: the power k in place of the config's; 0 adds nothing); ``"0"`` = the voxel MWS as ``infer.py``
+    runs it. The power is applied by :func:`mutex_watershed`, as in every schedule."""
     for bias in args.mws_biases:
         if not bias:
-            yield "0", configured
+            yield "0", weights, options.foreground_power
             continue
-        biased = configured.copy()
+        biased = weights.copy()
         biased[options.num_attractive:] += np.float32(bias)
-        yield f"{bias:+g}", biased
+        yield f"{bias:+g}", biased, options.foreground_power
     for power in args.foreground_powers:
-        if power:  # INFERENCE.MWS_FOREGROUND_POWER, as every schedule applies it
-            yield f"fg^{power:g}", foreground_weighted(weights.copy(), foreground, options.offsets, power)
+        if power:
+            yield f"fg^{power:g}", weights, power
 
 
 def oracle_foreground(foreground: np.ndarray, target: np.ndarray, oracle: str) -> np.ndarray:

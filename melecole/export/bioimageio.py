@@ -112,11 +112,11 @@ def describe_package(exported: Any, folder: Path, license: str = DEFAULT_LICENSE
 def _segmentation_steps(cfg: Any) -> str:
     """Steps 2 and on of the documentation's post-processing, with this config's segmentation settings."""
     inference = cfg.INFERENCE
+    power = float(inference.MWS_FOREGROUND_POWER)
     watershed = ("2. **Mutex watershed**: nearest-neighbour channels attract with weight a, long-range channels "
                  "repel with\n   weight 1 - a")
-    if float(inference.MWS_FOREGROUND_POWER) > 0:
-        watershed += (f", each attractive weight multiplied by min(foreground of its two voxels)^"
-                      f"{float(inference.MWS_FOREGROUND_POWER):g}")
+    if power > 0:
+        watershed += f", each attractive weight multiplied by min(foreground of its two voxels)^{power:g}"
     watershed += (f"; voxels whose foreground probability is below {float(inference.MWS_BACKGROUND):g} are "
                   "left\n   out (label 0).")
     steps = [watershed]

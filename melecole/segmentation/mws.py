@@ -157,21 +157,20 @@ def mutex_watershed(
     weights, borrowed = _engine_weights(affinities, num_attractive, weights_ready, in_place)
 
     mask = None
-    saved = None
     if foreground is not None:
         foreground = np.asarray(foreground)
         if foreground.shape != affinities.shape[1:]:
             raise ValueError(f"foreground shape {foreground.shape} must equal the affinities' {affinities.shape[1:]}")
-        if foreground_power and borrowed:
-            # Only the attractive channels change: keep them (3 of 12 channels) instead of copying all.
-            saved = weights[:num_attractive].copy()
         mask = foreground_mask(foreground, background_threshold)
         if mask.all():
             mask = None  # nothing masked: skip the engine's per-channel mask pass
+    weighted = bool(foreground_power) and foreground is not None
+    # Only the attractive channels change: keep the caller's (3 of 12 channels) instead of copying all.
+    saved = weights[:num_attractive].copy() if weighted and borrowed else None
     # All-ones strides keep every edge; passing None skips the engine's stride pass.
     stride_list = [int(s) for s in strides] if strides is not None and any(int(s) != 1 for s in strides) else None
     try:
-        if foreground is not None:
+        if weighted:
             foreground_weighted(weights, foreground, offsets, foreground_power)
         labels = engine(
             weights,
